@@ -1,0 +1,217 @@
+"""Sans-IO scanner for the Foo line protocol.
+
+The scanner is fed the bytes of one direction of a connection, in whatever
+chunks the network delivers, and counts the complete messages they contain.
+It never touches a socket, so it is tested byte by byte; feeding a stream in
+any chunking gives the same counts as feeding it whole.
+
+Well-formed, exactly (this mirrors what the reference server decodes, and is
+slightly stricter about Data):
+
+    line  := TYPE SP SEQ [SP DATA] [CR] LF
+    TYPE  := "REQ" | "ACK" | "NAK"
+    SEQ   := ["+" | "-"] DIGIT+          ASCII digits, value in [-2**63, 2**63 - 1]
+    DATA  := zero or more UTF-8 characters, none of them SP, a control
+             character (U+0000..U+001F) or DEL (U+007F)
+
+Everything else is invalid: an empty line, a lone CR, two spaces in a row,
+a fourth field, lower-case types, non-ASCII digits, a seq outside 64 bits,
+invalid UTF-8, NUL bytes, and any line longer than ``max_line`` bytes
+(counting its LF). Invalid lines are counted, never raised: the proxy is
+transparent and forwards them anyway.
+
+Memory is bounded: at most ``max_line`` bytes of an unfinished line are kept;
+a longer line is counted invalid once and skipped up to its LF.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+__all__ = ["DEFAULT_MAX_LINE", "Counts", "LineScanner", "StrictFilter", "classify", "count_block"]
+
+DEFAULT_MAX_LINE = 64 * 1024
+"""Longest line, LF included, that can be well-formed (the reference server's limit)."""
+
+REQ, ACK, NAK, INVALID = 0, 1, 2, 3
+_TYPES = {b"REQ": REQ, b"ACK": ACK, b"NAK": NAK}
+_SEQ_MIN, _SEQ_MAX = -(2**63), 2**63 - 1
+
+# Fast path: a run of lines that are all plainly valid. Seqs of up to 18
+# digits always fit in 64 bits; ASCII printable data needs no UTF-8 check.
+# Anything this rejects is looked at again line by line by ``classify``.
+_PLAIN_BLOCK = re.compile(rb"(?:(?:REQ|ACK|NAK) [+-]?[0-9]{1,18}(?: [\x21-\x7e]*)?\r?\n)*")
+_SEQ = re.compile(rb"[+-]?[0-9]+")
+_BAD_DATA_CHARS = re.compile("[\x00-\x20\x7f]")
+
+
+class Counts(NamedTuple):
+    """Messages found in one ``feed``: well-formed by type, and invalid lines."""
+
+    req: int = 0
+    ack: int = 0
+    nak: int = 0
+    invalid: int = 0
+
+
+_NONE = Counts()
+
+
+def classify(line: bytes) -> int:
+    """Return REQ, ACK, NAK or INVALID for one complete line (LF included)."""
+    if not line.endswith(b"\n"):
+        return INVALID
+    body = line[:-1]
+    if body.endswith(b"\r"):
+        body = body[:-1]
+    fields = body.split(b" ")
+    if not 2 <= len(fields) <= 3:
+        return INVALID
+    kind = _TYPES.get(fields[0], INVALID)
+    seq = fields[1]
+    if kind == INVALID or not _SEQ.fullmatch(seq):
+        return INVALID
+    # Leading zeros are allowed; past 19 significant digits it cannot fit
+    # (and int() of thousands of digits is both slow and refused).
+    digits = seq.lstrip(b"+-").lstrip(b"0")
+    if len(digits) > 19:
+        return INVALID
+    value = -int(digits or b"0") if seq[:1] == b"-" else int(digits or b"0")
+    if not _SEQ_MIN <= value <= _SEQ_MAX:
+        return INVALID
+    if len(fields) == 3:
+        try:
+            data = fields[2].decode("utf-8")
+        except UnicodeDecodeError:
+            return INVALID
+        if _BAD_DATA_CHARS.search(data):
+            return INVALID
+    return kind
+
+
+def count_block(block: bytes, max_line: int = DEFAULT_MAX_LINE) -> Counts:
+    """Count the messages in ``block``, a run of complete lines (it ends with LF)."""
+    if len(block) <= max_line and _PLAIN_BLOCK.fullmatch(block):
+        # Every line is valid, and since Data holds no space, "REQ " and
+        # "ACK " can only occur as a line's type.
+        req = block.count(b"REQ ")
+        ack = block.count(b"ACK ")
+        return Counts(req, ack, block.count(b"\n") - req - ack, 0)
+    tally = [0, 0, 0, 0]
+    start = 0
+    find = block.find
+    while True:
+        end = find(b"\n", start) + 1
+        if not end:
+            return Counts(*tally)
+        tally[INVALID if end - start > max_line else classify(block[start:end])] += 1
+        start = end
+
+
+class LineScanner:
+    """Counts the messages of one byte stream, fed in arbitrary chunks.
+
+    ``feed`` returns the messages that this chunk completes: a line cut by a
+    chunk boundary is counted by the feed that delivers its LF, except an
+    over-long line, counted invalid as soon as it passes ``max_line``.
+    Between feeds it keeps at most ``max_line`` bytes, and it never scans a
+    byte twice except the held start of a line, once, when its LF arrives.
+    """
+
+    __slots__ = ("max_line", "_held", "_held_len", "_skipping")
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        if max_line < 2:
+            raise ValueError("max_line must be at least 2")
+        self.max_line = max_line
+        self._held: list[bytes] = []  # pieces of the unfinished line
+        self._held_len = 0
+        self._skipping = False  # inside an over-long line, already counted
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held now (never more than ``max_line``)."""
+        return self._held_len
+
+    def feed(self, data: bytes) -> Counts:
+        last = data.rfind(b"\n")
+        if last < 0:
+            return Counts(0, 0, 0, self._hold(data))
+        if not (self._held or self._skipping):
+            counts = count_block(data if last + 1 == len(data) else data[: last + 1], self.max_line)
+        else:
+            first = data.find(b"\n") + 1
+            tally = list(count_block(data[first : last + 1], self.max_line))
+            if self._skipping:
+                self._skipping = False  # already counted when it overflowed
+            elif self._held_len + first > self.max_line:
+                tally[INVALID] += 1
+            else:
+                self._held.append(data[:first])
+                tally[classify(b"".join(self._held))] += 1
+            self._held.clear()
+            self._held_len = 0
+            counts = Counts(*tally)
+        if last + 1 < len(data):
+            overflow = self._hold(data[last + 1 :])
+            if overflow:
+                counts = counts._replace(invalid=counts.invalid + 1)
+        return counts
+
+    def _hold(self, tail: bytes) -> int:
+        """Keep the start of an unfinished line; return 1 when it just became too long."""
+        if self._skipping:
+            return 0
+        self._held_len += len(tail)
+        if self._held_len > self.max_line:
+            self._held.clear()
+            self._held_len = 0
+            self._skipping = True
+            return 1
+        self._held.append(tail)
+        return 0
+
+
+_PLAIN_REQS = re.compile(rb"(?:REQ [+-]?[0-9]{1,18}(?: [\x21-\x7e]*)?\r?\n)*")
+
+
+class StrictFilter:
+    """Lets through complete, well-formed REQ lines; stops at the first other line.
+
+    For strict mode on the client side: ``feed`` returns the bytes that may be
+    forwarded, the REQs among them, and, once a line breaks the rule, the
+    start of that line (for the log). After a violation the filter must not
+    be fed again. An unfinished line is held, at most ``max_line`` bytes.
+    """
+
+    __slots__ = ("max_line", "_held")
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.max_line = max_line
+        self._held = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, Counts, bytes | None]:
+        buf = self._held + data if self._held else data
+        last = buf.rfind(b"\n")
+        complete, rest = buf[: last + 1], buf[last + 1 :]
+        if len(complete) <= self.max_line and _PLAIN_REQS.fullmatch(complete):
+            good, reqs, violation = complete, complete.count(b"\n"), None
+        else:
+            good, reqs, violation = complete, 0, None
+            start = 0
+            while start < len(complete):
+                end = complete.find(b"\n", start) + 1
+                line = complete[start:end]
+                if end - start > self.max_line or classify(line) != REQ:
+                    good, violation = complete[:start], line[:_EXCERPT]
+                    break
+                reqs += 1
+                start = end
+        if violation is None and len(rest) > self.max_line:
+            violation = rest[:_EXCERPT]
+        self._held = rest if violation is None else b""
+        return good, Counts(req=reqs), violation
+
+
+_EXCERPT = 80

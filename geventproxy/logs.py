@@ -1,0 +1,91 @@
+"""Logging to stderr, as text or one JSON object per line.
+
+stdout belongs to the statistics reports; nothing here writes to it.
+Structured fields are passed as ``extra={"fields": {...}}`` and rendered as
+``key=value`` pairs (text) or as keys of the JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["escape", "setup", "RateLimit"]
+
+LOGGER = "geventproxy"
+_EXCERPT = 64
+
+
+def escape(data: bytes, limit: int = _EXCERPT) -> str:
+    """Peer-supplied bytes made safe for a log line: printable ASCII, bounded."""
+    text = repr(bytes(data[:limit]))[2:-1]
+    return text + "..." if len(data) > limit else text
+
+
+def _value(v: Any) -> str:
+    text = str(v)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text)
+    return text
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname.lower()} {record.getMessage()}"
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={_value(v)}" for k, v in fields.items())
+        if record.exc_info:
+            line += " exc=" + json.dumps(self.formatException(record.exc_info))
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        obj.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
+
+
+def setup(level: str = "info", fmt: str = "text") -> logging.Logger:
+    """Route the project's logger to stderr; idempotent."""
+    logger = logging.getLogger(LOGGER)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    return logger
+
+
+class RateLimit:
+    """Lets an event through at most once per ``interval`` seconds; counts the rest."""
+
+    def __init__(self, interval: float = 5.0, clock: Any = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._next = float("-inf")
+        self.suppressed = 0
+
+    def allow(self) -> int | None:
+        """Return how many were suppressed since the last allowed event, or None to stay quiet."""
+        now = self.clock()
+        if now < self._next:
+            self.suppressed += 1
+            return None
+        self._next = now + self.interval
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed

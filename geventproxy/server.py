@@ -1,0 +1,387 @@
+"""Accept clients, dial the upstream for each, relay both directions, close.
+
+A client's handler owns its two sockets: it opens the upstream, runs one
+relay greenlet per direction, joins them, and closes both sockets only after
+both relays have returned. An error on one connection ends that connection
+alone; the listener never sees it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from typing import Any
+
+import gevent
+import gevent.socket
+from gevent.pool import Group
+from gevent.server import StreamServer
+
+from .config import Address, Config
+from .logs import LOGGER, RateLimit, escape
+from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Tally, relay, strict_relay
+from .stats import Stats
+
+__all__ = ["Connection", "ProxyServer", "make_listener"]
+
+log = logging.getLogger(LOGGER)
+
+_EOF_REASONS = ("client_closed", "upstream_closed")
+# accept() failures that mean "out of a resource": back off instead of spinning.
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept() failures caused by the one client that gave up: ignore.
+_CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
+
+
+def make_listener(address: Address, backlog: int = 1024, reuse_port: bool = False) -> Any:
+    """Bind and listen. An empty host means every interface, IPv6 and IPv4 together."""
+    if address.host:
+        infos = socket.getaddrinfo(
+            address.host, address.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+        family, _, _, _, sockaddr = infos[0]
+        candidates = [(family, sockaddr)]
+    else:
+        candidates = [(socket.AF_INET6, ("::", address.port)), (socket.AF_INET, ("", address.port))]
+    error: OSError | None = None
+    for family, sockaddr in candidates:
+        try:
+            sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # no IPv6 on this host
+            error = exc
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and not address.host:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    assert error is not None
+    raise error
+
+
+def _plain(sock: Any) -> socket.socket:
+    """The same connection as a standard-library socket: its methods are C calls."""
+    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    raw.setblocking(False)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return raw
+
+
+def _peer(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+class Connection:
+    """One proxied client: what the sweeper and the drain need to see and stop."""
+
+    __slots__ = (
+        "id",
+        "peer",
+        "started",
+        "tally",
+        "relays",
+        "reason",
+        "upstream_eof",
+        "seen",
+        "seen_at",
+    )
+
+    def __init__(self, conn_id: int, peer: str) -> None:
+        self.id = conn_id
+        self.peer = peer
+        self.started = time.monotonic()
+        self.tally = Tally()
+        self.relays: tuple[gevent.Greenlet, ...] = ()
+        self.reason: str | None = None  # set when the proxy ends it (timeout, drain)
+        self.upstream_eof = False
+        self.seen = 0  # bytes moved at the last sweep
+        self.seen_at = self.started  # when that number last changed
+
+    def abort(self, reason: str) -> None:
+        """End the connection from outside: its handler then closes the sockets."""
+        if self.reason is None:
+            self.reason = reason
+        for relay_greenlet in self.relays:
+            relay_greenlet.kill(block=False)
+
+
+class ProxyServer(StreamServer):
+    """The proxy's listener. Tunables are the Config fields and the attributes below."""
+
+    #: Bytes read from a socket at once: the most a relay holds per direction.
+    buffer_size = 65536
+    #: Back-off between accept retries when out of file descriptors (doubles up to max).
+    accept_retry_min = 0.05
+    accept_retry_max = 1.0
+
+    def __init__(self, listener: Any, config: Config, stats: Stats) -> None:
+        self.handlers = Group()
+        super().__init__(listener, spawn=self.handlers.spawn)
+        self.config = config
+        self.stats = stats
+        self.connections: set[Connection] = set()
+        self._next_id = 0
+        self._accept_retry = self.accept_retry_min
+        self._accept_log = RateLimit(5.0)
+        self._refuse_log = RateLimit(5.0)
+        self._upstream_log = RateLimit(1.0)
+        self._sweeper: gevent.Greenlet | None = None
+
+    # -- accepting -----------------------------------------------------------
+
+    def do_read(self) -> Any:
+        try:
+            result = super().do_read()
+        except OSError as exc:
+            if exc.errno in _CLIENT_ERRNOS:
+                return None
+            if exc.errno not in _RESOURCE_ERRNOS:
+                raise
+            self.stats.incr("accept_errors")
+            self._pause_accepting(exc)
+            return None
+        self._accept_retry = self.accept_retry_min
+        return result
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors: stop watching the listener for a while instead of spinning."""
+        suppressed = self._accept_log.allow()
+        if suppressed is not None:
+            log.error(
+                "accept failed, pausing",
+                extra={
+                    "fields": {
+                        "error": exc.strerror,
+                        "retry_s": self._accept_retry,
+                        "suppressed": suppressed,
+                    }
+                },
+            )
+        self.stop_accepting()
+        timer = self.loop.timer(self._accept_retry)
+        timer.start(self._resume_accepting, timer)
+        self._accept_retry = min(self._accept_retry * 2, self.accept_retry_max)
+
+    def _resume_accepting(self, timer: Any) -> None:
+        timer.close()
+        if not self.closed:
+            self.start_accepting()
+
+    # -- one connection ------------------------------------------------------
+
+    def handle(self, client: Any, address: Any) -> None:
+        stats = self.stats
+        limit = self.config.max_connections
+        if limit and len(self.connections) >= limit:
+            stats.incr("connections_refused")
+            suppressed = self._refuse_log.allow()
+            if suppressed is not None:
+                log.warning(
+                    "connection refused: limit reached",
+                    extra={
+                        "fields": {
+                            "peer": _peer(address),
+                            "max_connections": limit,
+                            "suppressed": suppressed,
+                        }
+                    },
+                )
+            return  # the server closes the client socket
+        self._next_id += 1
+        conn = Connection(self._next_id, _peer(address))
+        self.connections.add(conn)
+        stats.incr("connections_total")
+        stats.incr("connections_active")
+        client_sock = _plain(client)
+        upstream = None
+        try:
+            upstream = self._dial(conn)
+            if upstream is not None:
+                self._relay(conn, client_sock, upstream)
+        finally:
+            gevent.killall(conn.relays)
+            if upstream is not None:
+                upstream.close()
+            client_sock.close()
+            self.connections.discard(conn)
+            stats.incr("connections_active", -1)
+
+    def _dial(self, conn: Connection) -> socket.socket | None:
+        target = self.config.forward
+        try:
+            sock = gevent.socket.create_connection(
+                (target.host, target.port), timeout=self.config.connect_timeout or None
+            )
+        except OSError as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            self.stats.incr(
+                "upstream_connect_timeouts" if timed_out else "upstream_connect_failures"
+            )
+            suppressed = self._upstream_log.allow()
+            if suppressed is not None:
+                log.warning(
+                    "upstream connect timed out" if timed_out else "upstream connect failed",
+                    extra={
+                        "fields": {
+                            "conn": conn.id,
+                            "peer": conn.peer,
+                            "upstream": str(target),
+                            "error": str(exc) or type(exc).__name__,
+                            "suppressed": suppressed,
+                        }
+                    },
+                )
+            return None
+        return _plain(sock)
+
+    def _relay(self, conn: Connection, client: socket.socket, upstream: socket.socket) -> None:
+        config, stats, hub = self.config, self.stats, gevent.get_hub()
+        if config.log_connections:
+            log.info(
+                "open",
+                extra={
+                    "fields": {"conn": conn.id, "peer": conn.peer, "upstream": str(config.forward)}
+                },
+            )
+        if config.strict:
+            up = gevent.spawn(
+                strict_relay,
+                hub,
+                client,
+                upstream,
+                stats,
+                conn.tally,
+                config.max_line,
+                self.buffer_size,
+            )
+        else:
+            up = gevent.spawn(
+                relay,
+                hub,
+                client,
+                upstream,
+                CLIENT_TO_UPSTREAM,
+                stats,
+                conn.tally,
+                config.max_line,
+                self.buffer_size,
+            )
+        down = gevent.spawn(
+            relay,
+            hub,
+            upstream,
+            client,
+            UPSTREAM_TO_CLIENT,
+            stats,
+            conn.tally,
+            config.max_line,
+            self.buffer_size,
+        )
+        conn.relays = (up, down)
+        first = gevent.wait(conn.relays, count=1)[0]
+        other = down if first is up else up
+        outcome = first.value if isinstance(first.value, str) else "error"
+        if outcome in _EOF_REASONS:
+            # A half-close: the relay passed the EOF on; the other direction runs on.
+            if outcome == "upstream_closed":
+                conn.upstream_eof = True
+                conn.seen_at = time.monotonic()
+            other.join()
+            second = other.value if isinstance(other.value, str) else "error"
+            reason = conn.reason or (second if second not in _EOF_REASONS else outcome)
+        else:
+            other.kill()
+            reason = conn.reason or outcome
+        stats.closed(reason)
+        if reason == "strict_violation":
+            log.warning(
+                "client broke strict mode",
+                extra={
+                    "fields": {
+                        "conn": conn.id,
+                        "peer": conn.peer,
+                        "line": escape(conn.tally.violation or b""),
+                    }
+                },
+            )
+        if config.log_connections:
+            t = conn.tally
+            log.info(
+                "close",
+                extra={
+                    "fields": {
+                        "conn": conn.id,
+                        "peer": conn.peer,
+                        "reason": reason,
+                        "duration_s": round(time.monotonic() - conn.started, 3),
+                        "bytes_in": t.bytes[CLIENT_TO_UPSTREAM],
+                        "bytes_out": t.bytes[UPSTREAM_TO_CLIENT],
+                        "msgs_in": t.messages[CLIENT_TO_UPSTREAM],
+                        "msgs_out": t.messages[UPSTREAM_TO_CLIENT],
+                    }
+                },
+            )
+
+    # -- timeouts and shutdown ---------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        config = self.config
+        timeouts = [t for t in (config.idle_timeout, config.fin_timeout) if t > 0]
+        if timeouts and self._sweeper is None:
+            tick = min(1.0, max(0.02, min(timeouts) / 4))
+            self._sweeper = gevent.spawn(self._sweep_forever, tick)
+
+    def _sweep_forever(self, tick: float) -> None:
+        while True:
+            gevent.sleep(tick)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Close connections past their idle or half-closed deadline."""
+        idle_timeout, fin_timeout = self.config.idle_timeout, self.config.fin_timeout
+        for conn in list(self.connections):
+            moved = conn.tally.bytes[0] + conn.tally.bytes[1]
+            if moved != conn.seen:
+                conn.seen, conn.seen_at = moved, now
+                continue
+            idle = now - conn.seen_at
+            if conn.upstream_eof and fin_timeout and idle >= fin_timeout:
+                conn.abort("upstream_closed")
+            elif idle_timeout and idle >= idle_timeout:
+                conn.abort("idle_timeout")
+
+    def drain(self, timeout: float) -> int:
+        """Stop accepting, let connections finish for ``timeout``, then close the rest.
+
+        Returns how many connections had to be closed.
+        """
+        if not self.closed:
+            self.close()
+        self.handlers.join(timeout=timeout)
+        return self.abort_all()
+
+    def abort_all(self) -> int:
+        """Close every connection now; returns how many there were."""
+        if not self.closed:
+            self.close()
+        left = list(self.connections)
+        for conn in left:
+            conn.abort("shutdown")
+        self.handlers.join(timeout=2.0)
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+        return len(left)

@@ -1,0 +1,40 @@
+"""Signal handlers that only hand off.
+
+The callbacks run in the event loop; each one only sets a flag or an event.
+The real work (writing a report, draining) happens in greenlets that wait
+for those events.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import gevent
+
+__all__ = ["install", "ignore_report_signal"]
+
+
+def ignore_report_signal() -> None:
+    """Until the proxy's handler is in place, USR1 must not kill the process."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def install(
+    report: Callable[[], None],
+    stop: Callable[[], None],
+    force: Callable[[], None],
+) -> list[object]:
+    """USR1 asks for a report; the first TERM or INT asks for a drain, the second forces."""
+    terms = 0
+
+    def on_term() -> None:
+        nonlocal terms
+        terms += 1
+        (stop if terms == 1 else force)()
+
+    return [
+        gevent.signal_handler(signal.SIGUSR1, report),
+        gevent.signal_handler(signal.SIGTERM, on_term),
+        gevent.signal_handler(signal.SIGINT, on_term),
+    ]

@@ -1,0 +1,198 @@
+"""Counters and moving windows, kept in one flat block of 64-bit integers.
+
+Pure logic: the clock is injected (integer nanoseconds of a monotonic clock)
+and nothing here does I/O. The block is a ``memoryview`` of signed 64-bit
+integers so that it can live in shared memory: with several worker processes
+each one writes only its own block, and a report sums the blocks
+(``snapshot``). One process and one event loop write a block, so no locks.
+
+A moving window of W seconds counts the messages seen in (now - W, now]. The
+block keeps a ring of 1 ms buckets covering the longest window; each bucket
+is stamped with the absolute millisecond it holds, so a stale bucket is
+recognised on read and recycled on write, and nothing ever has to sweep the
+ring. An update costs the same at any message rate; a read sums the buckets
+whose stamp lies inside the window. The result undercounts by at most the
+messages of one bucket, the millisecond that straddles now - W: at steady
+traffic that is 0.1% of the 1 s rate and 0.01% of the 10 s rate. Once no
+message has been seen for W the window is exactly zero.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .codec import Counts
+
+__all__ = [
+    "BUCKET_NS",
+    "CLOSE_REASONS",
+    "COUNTERS",
+    "DIRECTIONS",
+    "RING",
+    "Stats",
+    "new_block",
+    "snapshot",
+]
+
+BUCKET_NS = 1_000_000  # 1 ms
+RING = 10_000  # buckets: 10 s, the longest window
+WINDOWS_S = (1, 10)
+DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+MSG_KINDS = ("req", "ack", "nak", "invalid")  # the codec's Counts order
+CLOSE_REASONS = (
+    "client_closed",  # the client ended the connection (EOF after both directions finished)
+    "upstream_closed",  # the upstream ended first; the client was then closed
+    "client_reset",
+    "upstream_reset",
+    "idle_timeout",
+    "strict_violation",
+    "shutdown",  # closed by the drain deadline or a forced exit
+    "error",  # any other socket error
+)
+
+# Plain counters and gauges, one slot each, in report order.
+COUNTERS = (
+    "connections_total",  # accepted and handled (not counting refused ones)
+    "connections_active",  # gauge
+    "connections_refused",  # closed at once because --max-connections was reached
+    "upstream_connect_failures",  # refused, unreachable, or the name did not resolve
+    "upstream_connect_timeouts",  # no answer within --connect-timeout
+    "accept_errors",  # accept() failed (e.g. out of file descriptors)
+    "lines_too_long",  # lines over --max-line (also counted in msg_invalid)
+)
+
+# Layout of a block: counters, per-direction message and byte counts, close
+# reasons, start time, then the ring (stamp, req, resp per bucket).
+_C = {name: i for i, name in enumerate(COUNTERS)}
+_MSG = len(COUNTERS)  # DIRECTIONS x MSG_KINDS
+_BYTES = _MSG + len(DIRECTIONS) * len(MSG_KINDS)  # per direction
+_CLOSE = _BYTES + len(DIRECTIONS)
+_STARTED = _CLOSE + len(CLOSE_REASONS)
+_STAMP = _STARTED + 1
+_WREQ = _STAMP + RING
+_WRESP = _WREQ + RING
+BLOCK_SLOTS = _WRESP + RING
+BLOCK_BYTES = BLOCK_SLOTS * 8
+
+
+def new_block(shared: bool = False) -> memoryview:
+    """A zeroed block; ``shared`` puts it in anonymous shared memory (survives fork)."""
+    buf: Any = mmap.mmap(-1, BLOCK_BYTES) if shared else bytearray(BLOCK_BYTES)
+    block = memoryview(buf).cast("q")
+    for i in range(_STAMP, _WREQ):
+        block[i] = -1  # no bucket holds millisecond -1
+    return block
+
+
+class Stats:
+    """The writer of one block: the only object the relays touch."""
+
+    __slots__ = ("block", "clock")
+
+    def __init__(
+        self,
+        block: memoryview | None = None,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.block = new_block() if block is None else block
+        self.clock = clock
+        self.block[_STARTED] = clock()
+
+    def incr(self, counter: str, n: int = 1) -> None:
+        self.block[_C[counter]] += n
+
+    def closed(self, reason: str) -> None:
+        self.block[_CLOSE + CLOSE_REASONS.index(reason)] += 1
+
+    def record(self, direction: int, nbytes: int, counts: Counts) -> None:
+        """Account one forwarded chunk: its bytes and the messages it completed.
+
+        ``direction`` indexes DIRECTIONS. Called once per chunk on the hot
+        path: a few integer additions, and one clock read when the chunk
+        completed any message.
+        """
+        b = self.block
+        b[_BYTES + direction] += nbytes
+        base = _MSG + direction * 4
+        req, ack, nak, invalid = counts
+        if invalid:
+            b[base + 3] += invalid
+        if not (req or ack or nak):
+            return
+        b[base] += req
+        b[base + 1] += ack
+        b[base + 2] += nak
+        k = self.clock() // BUCKET_NS
+        i = k % RING
+        if b[_STAMP + i] == k:
+            b[_WREQ + i] += req
+            b[_WRESP + i] += ack + nak
+        else:
+            # Counts first, stamp last: a concurrent reader in another process
+            # then sees either the old stamp (and skips the bucket) or the new counts.
+            b[_WREQ + i] = req
+            b[_WRESP + i] = ack + nak
+            b[_STAMP + i] = k
+
+
+def _window_sums(block: memoryview, now_ns: int) -> dict[int, tuple[int, int]]:
+    """Requests and responses in (now - W, now] for each window W, for one block."""
+    kn = now_ns // BUCKET_NS
+    short, long_ = kn - WINDOWS_S[0] * 1000, kn - WINDOWS_S[1] * 1000
+    sums = [0, 0, 0, 0]  # short req, short resp, long req, long resp
+    for stamp, req, resp in zip(
+        block[_STAMP:_WREQ].tolist(), block[_WREQ:_WRESP].tolist(), block[_WRESP:].tolist()
+    ):
+        # Buckets strictly newer than now - W are inside; newer than now, not yet.
+        if long_ < stamp <= kn:
+            sums[2] += req
+            sums[3] += resp
+            if stamp > short:
+                sums[0] += req
+                sums[1] += resp
+    return {WINDOWS_S[0]: (sums[0], sums[1]), WINDOWS_S[1]: (sums[2], sums[3])}
+
+
+def snapshot(blocks: Sequence[memoryview] | Iterable[memoryview], now_ns: int) -> dict[str, Any]:
+    """The report: the sum over ``blocks`` at ``now_ns``, as a JSON-ready dict."""
+    blocks = list(blocks)
+    total = [0] * _STAMP
+    windows = {w: [0, 0] for w in WINDOWS_S}
+    started = min(b[_STARTED] for b in blocks)
+    for b in blocks:
+        for i, v in enumerate(b[:_STAMP].tolist()):
+            total[i] += v
+        for w, (req, resp) in _window_sums(b, now_ns).items():
+            windows[w][0] += req
+            windows[w][1] += resp
+    per_kind = [
+        sum(total[_MSG + d * len(MSG_KINDS) + k] for d in range(len(DIRECTIONS)))
+        for k in range(len(MSG_KINDS))
+    ]
+    req, ack, nak, invalid = per_kind
+    report: dict[str, Any] = {
+        "msg_total": req + ack + nak,
+        "msg_req": req,
+        "msg_ack": ack,
+        "msg_nak": nak,
+        "msg_invalid": invalid,
+        "request_rate_1s": windows[1][0] / 1.0,
+        "request_rate_10s": windows[10][0] / 10.0,
+        "response_rate_1s": windows[1][1] / 1.0,
+        "response_rate_10s": windows[10][1] / 10.0,
+        "uptime_s": round((now_ns - started) / 1e9, 3),
+    }
+    for name in COUNTERS:
+        report[name] = total[_C[name]]
+    for d, direction in enumerate(DIRECTIONS):
+        report[f"bytes_{direction}"] = total[_BYTES + d]
+    for d, direction in enumerate(DIRECTIONS):
+        for k, kind in enumerate(MSG_KINDS):
+            report[f"msg_{kind}_{direction}"] = total[_MSG + d * len(MSG_KINDS) + k]
+    report["connections_closed"] = {
+        reason: total[_CLOSE + i] for i, reason in enumerate(CLOSE_REASONS)
+    }
+    return report

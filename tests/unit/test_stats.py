@@ -1,0 +1,175 @@
+"""Moving windows against a brute-force oracle, with an injected clock."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geventproxy.codec import Counts
+from geventproxy.stats import BUCKET_NS, Stats, new_block, snapshot
+
+S = 1_000_000_000  # ns
+
+
+class FakeClock:
+    def __init__(self, now: int = 1000 * S) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class Oracle:
+    """Every message's timestamp, counted exactly in (now - W, now]."""
+
+    def __init__(self) -> None:
+        self.req: list[int] = []
+        self.resp: list[int] = []
+
+    def rate(self, kind: str, now: int, w: int) -> float:
+        stamps = self.req if kind == "req" else self.resp
+        return sum(1 for t in stamps if now - w * S < t <= now) / w
+
+
+def _feed(stats: Stats, oracle: Oracle, clock: FakeClock, req: int, resp: int) -> None:
+    stats.record(0, 10, Counts(req=req))
+    stats.record(1, 10, Counts(ack=resp - resp // 2, nak=resp // 2))
+    oracle.req += [clock.now] * req
+    oracle.resp += [clock.now] * resp
+
+
+def _boundary_events(oracle: Oracle, kind: str, now: int, w: int) -> int:
+    """Messages in the one bucket that straddles now - W: the most the window may miss."""
+    stamps = oracle.req if kind == "req" else oracle.resp
+    edge = (now - w * S) // BUCKET_NS
+    return sum(1 for t in stamps if t // BUCKET_NS == edge and t > now - w * S)
+
+
+def _check(stats: Stats, oracle: Oracle, now: int) -> None:
+    report = snapshot([stats.block], now)
+    for kind, name in (("req", "request"), ("resp", "response")):
+        for w in (1, 10):
+            got = report[f"{name}_rate_{w}s"]
+            exact = oracle.rate(kind, now, w)
+            slack = _boundary_events(oracle, kind, now, w) / w
+            assert exact - slack - 1e-9 <= got <= exact + 1e-9, (kind, w, got, exact)
+            assert isinstance(got, float)
+
+
+def test_steady_traffic_within_one_percent() -> None:
+    clock = FakeClock()
+    stats, oracle = Stats(clock=clock), Oracle()
+    worst = 0.0
+    for _step in range(30_000):  # 30 s at one chunk of 3 REQ every ms, offset within the ms
+        clock.now += BUCKET_NS
+        _feed(stats, oracle, clock, 3, 3)
+        if _step % 997 == 0:
+            report = snapshot([stats.block], clock.now)
+            for w in (1, 10):
+                exact = oracle.rate("req", clock.now, w)
+                worst = max(worst, abs(report[f"request_rate_{w}s"] - exact) / exact)
+    assert worst <= 0.01
+    _check(stats, oracle, clock.now)
+
+
+def test_zero_exactly_after_window_and_not_before() -> None:
+    clock = FakeClock(1000 * S + 123_456)  # mid-bucket
+    stats, oracle = Stats(clock=clock), Oracle()
+    _feed(stats, oracle, clock, 5, 5)
+    last = clock.now
+    clock.now = last + S - 1
+    assert snapshot([stats.block], clock.now)["request_rate_1s"] in (0.0, 5.0)
+    _check(stats, oracle, clock.now)
+    clock.now = last + S
+    r = snapshot([stats.block], clock.now)
+    assert r["request_rate_1s"] == 0.0 and r["response_rate_1s"] == 0.0
+    assert r["request_rate_10s"] == 0.5
+    clock.now = last + 10 * S
+    r = snapshot([stats.block], clock.now)
+    assert r["request_rate_10s"] == 0.0 and r["response_rate_10s"] == 0.0
+    assert r["msg_req"] == 5 and r["msg_total"] == 10
+
+
+def test_gap_longer_than_ring_recycles_buckets() -> None:
+    clock = FakeClock()
+    stats, oracle = Stats(clock=clock), Oracle()
+    _feed(stats, oracle, clock, 7, 7)
+    clock.now += 10 * S  # exactly one ring later: same slot, stale stamp
+    _feed(stats, oracle, clock, 2, 1)
+    r = snapshot([stats.block], clock.now)
+    assert r["request_rate_1s"] == 2.0 and r["response_rate_1s"] == 1.0
+    _check(stats, oracle, clock.now)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.integers(0, 3 * S),  # gap before the chunk, up to 3 s
+            st.integers(0, 50),
+            st.integers(0, 50),
+        ),
+        max_size=60,
+    ),
+    probes=st.lists(st.integers(0, 12 * S), min_size=1, max_size=5),
+)
+def test_random_steps_bursts_and_gaps(events, probes) -> None:
+    clock = FakeClock(1000 * S + 777)
+    stats, oracle = Stats(clock=clock), Oracle()
+    for gap, req, resp in events:
+        clock.now += gap
+        _feed(stats, oracle, clock, req, resp)
+        _check(stats, oracle, clock.now)
+    end = clock.now
+    for p in probes:
+        _check(stats, oracle, end + p)
+
+
+def test_bucket_boundaries() -> None:
+    """Events on both sides of a millisecond edge, probed on the edge."""
+    clock = FakeClock(500 * S)
+    stats, oracle = Stats(clock=clock), Oracle()
+    for t in (500 * S - 1, 500 * S, 500 * S + 1, 500 * S + BUCKET_NS - 1, 500 * S + BUCKET_NS):
+        clock.now = t
+        _feed(stats, oracle, clock, 1, 1)
+    for probe in range(501 * S - 2, 501 * S + BUCKET_NS + 2):
+        if probe % 97 == 0 or abs(probe - 501 * S) <= 2 or abs(probe - 501 * S - BUCKET_NS) <= 2:
+            _check(stats, oracle, probe)
+
+
+def test_blocks_sum() -> None:
+    clock = FakeClock()
+    a, b = Stats(new_block(shared=True), clock), Stats(new_block(), clock)
+    rng = random.Random(5)
+    total = 0
+    for _ in range(500):
+        clock.now += rng.randrange(0, 5 * BUCKET_NS)
+        n = rng.randrange(1, 4)
+        (a if rng.random() < 0.5 else b).record(0, 1, Counts(req=n))
+        total += n
+    one = snapshot([a.block], clock.now)
+    two = snapshot([b.block], clock.now)
+    both = snapshot([a.block, b.block], clock.now)
+    assert both["msg_req"] == total == one["msg_req"] + two["msg_req"]
+    for key in ("request_rate_1s", "request_rate_10s", "bytes_client_to_upstream"):
+        assert both[key] == one[key] + two[key]
+
+
+def test_counters_and_report_fields() -> None:
+    clock = FakeClock()
+    stats = Stats(clock=clock)
+    stats.incr("connections_total")
+    stats.incr("connections_active")
+    stats.closed("client_reset")
+    stats.record(0, 100, Counts(req=2, invalid=1))
+    stats.record(1, 50, Counts(ack=1, nak=1))
+    r = snapshot([stats.block], clock.now + S)
+    assert r["msg_total"] == 4 and r["msg_invalid"] == 1
+    assert (r["msg_req"], r["msg_ack"], r["msg_nak"]) == (2, 1, 1)
+    assert r["bytes_client_to_upstream"] == 100 and r["bytes_upstream_to_client"] == 50
+    assert r["connections_closed"]["client_reset"] == 1
+    assert r["connections_total"] == r["connections_active"] == 1
+    assert r["msg_invalid_client_to_upstream"] == 1
+    assert r["uptime_s"] == 1.0
