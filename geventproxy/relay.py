@@ -69,6 +69,7 @@ def relay(
     tally: Tally,
     max_line: int,
     bufsize: int,
+    on_messages: Callable[[int, Counts], None],
 ) -> str:
     """Copy ``src`` to ``dst`` until EOF or an error; return why it ended.
 
@@ -114,8 +115,10 @@ def relay(
                     return dst_error if isinstance(exc, _RESETS) else "error"
             moved[direction] += n
             counts = feed(data)
-            record(direction, n, counts)
-            tally.messages[direction] += counts[0] + counts[1] + counts[2]
+            now = record(direction, n, counts)
+            if now:  # the chunk completed messages: time them, tally them
+                on_messages(now, counts)
+                tally.messages[direction] += counts[0] + counts[1] + counts[2]
     finally:
         readable.close()
         writable.close()
@@ -129,6 +132,7 @@ def strict_relay(
     tally: Tally,
     max_line: int,
     bufsize: int,
+    on_messages: Callable[[int, Counts], None],
 ) -> str:
     """The client-to-upstream direction in strict mode.
 
@@ -166,7 +170,9 @@ def strict_relay(
                 except OSError as exc:
                     return dst_error if isinstance(exc, _RESETS) else "error"
                 moved[CLIENT_TO_UPSTREAM] += len(good)
-                stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
+                now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
+                if now:
+                    on_messages(now, counts)
                 tally.messages[CLIENT_TO_UPSTREAM] += counts.req
             if violation is not None:
                 stats.record(CLIENT_TO_UPSTREAM, 0, Counts(invalid=1))

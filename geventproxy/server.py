@@ -20,6 +20,7 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 
 from .config import Address, Config
+from .latency import RequestTimer
 from .logs import LOGGER, RateLimit, escape
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Tally, relay, strict_relay
 from .stats import Stats
@@ -256,40 +257,14 @@ class ProxyServer(StreamServer):
                     "fields": {"conn": conn.id, "peer": conn.peer, "upstream": str(config.forward)}
                 },
             )
+        timer = RequestTimer(stats)
+        common = (stats, conn.tally, config.max_line, self.buffer_size)
+        spawn = gevent.spawn
         if config.strict:
-            up = gevent.spawn(
-                strict_relay,
-                hub,
-                client,
-                upstream,
-                stats,
-                conn.tally,
-                config.max_line,
-                self.buffer_size,
-            )
+            up = spawn(strict_relay, hub, client, upstream, *common, timer.sent)
         else:
-            up = gevent.spawn(
-                relay,
-                hub,
-                client,
-                upstream,
-                CLIENT_TO_UPSTREAM,
-                stats,
-                conn.tally,
-                config.max_line,
-                self.buffer_size,
-            )
-        down = gevent.spawn(
-            relay,
-            hub,
-            upstream,
-            client,
-            UPSTREAM_TO_CLIENT,
-            stats,
-            conn.tally,
-            config.max_line,
-            self.buffer_size,
-        )
+            up = spawn(relay, hub, client, upstream, CLIENT_TO_UPSTREAM, *common, timer.sent)
+        down = spawn(relay, hub, upstream, client, UPSTREAM_TO_CLIENT, *common, timer.answered)
         conn.relays = (up, down)
         first = gevent.wait(conn.relays, count=1)[0]
         other = down if first is up else up

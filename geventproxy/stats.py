@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -31,8 +32,10 @@ __all__ = [
     "CLOSE_REASONS",
     "COUNTERS",
     "DIRECTIONS",
+    "LATENCY_BOUNDS_US",
     "RING",
     "Stats",
+    "latency_histogram",
     "new_block",
     "snapshot",
 ]
@@ -61,8 +64,19 @@ COUNTERS = (
     "upstream_connect_failures",  # refused, unreachable, or the name did not resolve
     "upstream_connect_timeouts",  # no answer within --connect-timeout
     "accept_errors",  # accept() failed (e.g. out of file descriptors)
-    "lines_too_long",  # lines over --max-line (also counted in msg_invalid)
+    "latency_unmatched",  # responses that arrived with no REQ waiting for them
+    "latency_dropped",  # REQs forgotten because a connection had too many unanswered
 )
+
+# Upstream response time histogram: upper bounds in microseconds, seven per
+# decade from 10 us to 10 s, plus +Inf. Fixed, so every block and every
+# scrape agree on them; interpolating inside a bucket keeps a quantile within
+# about 25% of the truth.
+LATENCY_BOUNDS_US = tuple(
+    int(m * 10**e) for e in range(1, 7) for m in (1, 1.5, 2, 3, 4, 5, 7.5)
+) + (10_000_000,)
+_NB = len(LATENCY_BOUNDS_US) + 1  # the last bucket is +Inf
+LATENCY_WINDOW_S = 10
 
 # Layout of a block: counters, per-direction message and byte counts, close
 # reasons, start time, then the ring (stamp, req, resp per bucket).
@@ -71,7 +85,11 @@ _MSG = len(COUNTERS)  # DIRECTIONS x MSG_KINDS
 _BYTES = _MSG + len(DIRECTIONS) * len(MSG_KINDS)  # per direction
 _CLOSE = _BYTES + len(DIRECTIONS)
 _STARTED = _CLOSE + len(CLOSE_REASONS)
-_STAMP = _STARTED + 1
+_LCOUNT = _STARTED + 1  # cumulative latency histogram, _NB buckets
+_LSUM = _LCOUNT + _NB  # sum of latencies, microseconds
+_LSTAMP = _LSUM + 1  # ring of LATENCY_WINDOW_S one-second histograms: stamps
+_LRING = _LSTAMP + LATENCY_WINDOW_S  # ... and their buckets
+_STAMP = _LRING + LATENCY_WINDOW_S * _NB
 _WREQ = _STAMP + RING
 _WRESP = _WREQ + RING
 BLOCK_SLOTS = _WRESP + RING
@@ -84,6 +102,8 @@ def new_block(shared: bool = False) -> memoryview:
     block = memoryview(buf).cast("q")
     for i in range(_STAMP, _WREQ):
         block[i] = -1  # no bucket holds millisecond -1
+    for i in range(_LSTAMP, _LRING):
+        block[i] = -1
     return block
 
 
@@ -107,12 +127,13 @@ class Stats:
     def closed(self, reason: str) -> None:
         self.block[_CLOSE + CLOSE_REASONS.index(reason)] += 1
 
-    def record(self, direction: int, nbytes: int, counts: Counts) -> None:
+    def record(self, direction: int, nbytes: int, counts: Counts) -> int:
         """Account one forwarded chunk: its bytes and the messages it completed.
 
         ``direction`` indexes DIRECTIONS. Called once per chunk on the hot
         path: a few integer additions, and one clock read when the chunk
-        completed any message.
+        completed any message. Returns that clock reading, or 0 when the
+        chunk completed no message.
         """
         b = self.block
         b[_BYTES + direction] += nbytes
@@ -121,11 +142,12 @@ class Stats:
         if invalid:
             b[base + 3] += invalid
         if not (req or ack or nak):
-            return
+            return 0
         b[base] += req
         b[base + 1] += ack
         b[base + 2] += nak
-        k = self.clock() // BUCKET_NS
+        now = self.clock()
+        k = now // BUCKET_NS
         i = k % RING
         if b[_STAMP + i] == k:
             b[_WREQ + i] += req
@@ -136,6 +158,23 @@ class Stats:
             b[_WREQ + i] = req
             b[_WRESP + i] = ack + nak
             b[_STAMP + i] = k
+        return now
+
+    def observe_latency(self, now_ns: int, latency_ns: int, n: int = 1) -> None:
+        """Record ``n`` responses that took ``latency_ns`` each."""
+        b = self.block
+        us = latency_ns // 1000
+        i = bisect_left(LATENCY_BOUNDS_US, us)
+        b[_LCOUNT + i] += n
+        b[_LSUM] += us * n
+        second = now_ns // 1_000_000_000
+        slot = second % LATENCY_WINDOW_S
+        base = _LRING + slot * _NB
+        if b[_LSTAMP + slot] != second:
+            for j in range(base, base + _NB):
+                b[j] = 0
+            b[_LSTAMP + slot] = second
+        b[base + i] += n
 
 
 def _window_sums(block: memoryview, now_ns: int) -> dict[int, tuple[int, int]]:
@@ -192,7 +231,54 @@ def snapshot(blocks: Sequence[memoryview] | Iterable[memoryview], now_ns: int) -
     for d, direction in enumerate(DIRECTIONS):
         for k, kind in enumerate(MSG_KINDS):
             report[f"msg_{kind}_{direction}"] = total[_MSG + d * len(MSG_KINDS) + k]
+    recent = _recent_latency(blocks, now_ns)
+    for q in (50, 90, 99):
+        value = _quantile(recent, q / 100)
+        report[f"latency_p{q}_ms"] = None if value is None else round(value / 1000, 3)
+    report["latency_count"] = sum(total[_LCOUNT : _LCOUNT + _NB])
     report["connections_closed"] = {
         reason: total[_CLOSE + i] for i, reason in enumerate(CLOSE_REASONS)
     }
     return report
+
+
+def _recent_latency(blocks: list[memoryview], now_ns: int) -> list[int]:
+    """Per-bucket latency counts of the last LATENCY_WINDOW_S whole seconds and this one."""
+    second = now_ns // 1_000_000_000
+    counts = [0] * _NB
+    for b in blocks:
+        for slot in range(LATENCY_WINDOW_S):
+            if second - LATENCY_WINDOW_S < b[_LSTAMP + slot] <= second:
+                base = _LRING + slot * _NB
+                for i, n in enumerate(b[base : base + _NB].tolist()):
+                    counts[i] += n
+    return counts
+
+
+def _quantile(counts: list[int], q: float) -> float | None:
+    """The q-quantile in microseconds, interpolated inside its histogram bucket."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            low = LATENCY_BOUNDS_US[i - 1] if i else 0
+            if i == len(LATENCY_BOUNDS_US):
+                return float(low)  # +Inf bucket: the best we can say is its floor
+            high = LATENCY_BOUNDS_US[i]
+            return low + (high - low) * (rank - seen) / n
+        seen += n
+    return float(LATENCY_BOUNDS_US[-1])
+
+
+def latency_histogram(blocks: Iterable[memoryview]) -> tuple[list[int], int]:
+    """Cumulative-since-start bucket counts (len(LATENCY_BOUNDS_US) + 1) and sum in us."""
+    counts = [0] * _NB
+    total_us = 0
+    for b in blocks:
+        for i, n in enumerate(b[_LCOUNT : _LCOUNT + _NB].tolist()):
+            counts[i] += n
+        total_us += b[_LSUM]
+    return counts, total_us

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importable under any rootdir
-
-from geventproxy.testing.protocol import (  # noqa: E402
+from geventproxy.testing.protocol import (
     ERRDECODE_REPLY,
     MAX_LINE,
     decode_line,
     reply_for,
 )
-from tests.helpers import foo_server, run_foo_client, start_foo_server, stop_process  # noqa: E402
+from tests.helpers import foo_server, run_foo_client, start_foo_server, stop_process
 
 IO_TIMEOUT = 5.0
 
