@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
 import time
 
 import gevent
@@ -17,55 +18,68 @@ from gevent.event import Event
 
 from . import __version__, signals
 from .config import Config
-from .logs import setup
+from .logs import LOGGER, setup
 from .report import Reporter
-from .server import ProxyServer, make_listener
+from .server import ProxyServer, format_address, open_listener
 from .stats import Stats, snapshot
 
 __all__ = ["raise_fd_limit", "run"]
 
 
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return (before, after)."""
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE as far as the hard limit allows, say so, return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    now = soft
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            now = target
         except (ValueError, OSError):
-            return soft, soft
-        return soft, target
-    return soft, soft
+            pass
+    logging.getLogger(LOGGER).info(
+        "file descriptor limit", extra={"fields": {"soft_before": soft, "soft": now, "hard": hard}}
+    )
+    return now
 
 
-def run(config: Config, listener: object | None = None, stats: Stats | None = None) -> int:
-    """Serve until TERM/INT; the exit status."""
+def run(
+    config: Config,
+    listener: socket.socket | None = None,
+    stats: Stats | None = None,
+    *,
+    worker: int | None = None,
+    all_blocks: list[memoryview] | None = None,
+) -> int:
+    """Serve until TERM/INT; the exit status.
+
+    As one of several workers (``worker`` is its slot), the parent owns USR1,
+    INT and the reports: this process only serves and drains on TERM.
+    ``all_blocks`` are every worker's statistics, for what reports sums.
+    """
     log = setup(config.log_level, config.log_format)
-    before, after = raise_fd_limit()
-    log.info("file descriptor limit", extra={"fields": {"soft_before": before, "soft": after}})
     if listener is None:
-        try:
-            listener = make_listener(config.listen)
-        except OSError as exc:
-            log.error(
-                "cannot listen",
-                extra={
-                    "fields": {"address": str(config.listen), "error": exc.strerror or str(exc)}
-                },
-            )
+        raise_fd_limit()
+        listener = open_listener(config.listen)
+        if listener is None:
             return 1
     stats = stats or Stats()
     server = ProxyServer(listener, config, stats)
-    reporter = Reporter(lambda: snapshot([stats.block], time.monotonic_ns()))
     stop, force = Event(), Event()
-    signals.install(report=reporter.request, stop=stop.set, force=force.set)
+    reporter = None
+    if worker is None:
+        blocks = all_blocks or [stats.block]
+        reporter = Reporter(lambda: snapshot(blocks, time.monotonic_ns()))
+        signals.install(stop=stop.set, force=force.set, report=reporter.request)
+    else:
+        signals.install(stop=stop.set, force=force.set, report=None, interrupt=False)
     server.start()
-    host, port = server.address[:2]
     log.info(
         "listening",
         extra={
             "fields": {
-                "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                "address": format_address(server.address),
+                "worker": worker,
                 "forward": str(config.forward),
                 "version": __version__,
                 "max_connections": config.max_connections,
@@ -78,7 +92,8 @@ def run(config: Config, listener: object | None = None, stats: Stats | None = No
     )
     stop.wait()
     _shutdown(server, config, force, log)
-    reporter.final()
+    if reporter is not None:
+        reporter.final()
     signals.ignore_report_signal()
     log.info("exit")
     return 0

@@ -25,7 +25,7 @@ from .logs import LOGGER, RateLimit, escape
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Tally, relay, strict_relay
 from .stats import Stats
 
-__all__ = ["Connection", "ProxyServer", "make_listener"]
+__all__ = ["Connection", "ProxyServer", "format_address", "make_listener", "open_listener"]
 
 log = logging.getLogger(LOGGER)
 
@@ -36,8 +36,12 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 
 
-def make_listener(address: Address, backlog: int = 1024, reuse_port: bool = False) -> Any:
-    """Bind and listen. An empty host means every interface, IPv6 and IPv4 together."""
+def make_listener(address: Address, backlog: int = 1024) -> socket.socket:
+    """Bind and listen. An empty host means every interface, IPv6 and IPv4 together.
+
+    A plain socket, not a gevent one: a supervisor binds before it forks its
+    workers, and must not create an event loop to do so.
+    """
     if address.host:
         infos = socket.getaddrinfo(
             address.host, address.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
@@ -49,14 +53,12 @@ def make_listener(address: Address, backlog: int = 1024, reuse_port: bool = Fals
     error: OSError | None = None
     for family, sockaddr in candidates:
         try:
-            sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # no IPv6 on this host
             error = exc
             continue
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and not address.host:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(sockaddr)
@@ -70,6 +72,18 @@ def make_listener(address: Address, backlog: int = 1024, reuse_port: bool = Fals
     raise error
 
 
+def open_listener(address: Address) -> socket.socket | None:
+    """``make_listener``, or None after logging why it failed (a port in use...)."""
+    try:
+        return make_listener(address)
+    except OSError as exc:
+        log.error(
+            "cannot listen",
+            extra={"fields": {"address": str(address), "error": exc.strerror or str(exc)}},
+        )
+        return None
+
+
 def _plain(sock: Any) -> socket.socket:
     """The same connection as a standard-library socket: its methods are C calls."""
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -78,7 +92,8 @@ def _plain(sock: Any) -> socket.socket:
     return raw
 
 
-def _peer(address: Any) -> str:
+def format_address(address: Any) -> str:
+    """A socket address as host:port, [v6]:port for IPv6."""
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -128,7 +143,8 @@ class ProxyServer(StreamServer):
     accept_retry_min = 0.05
     accept_retry_max = 1.0
 
-    def __init__(self, listener: Any, config: Config, stats: Stats) -> None:
+    def __init__(self, listener: socket.socket, config: Config, stats: Stats) -> None:
+        listener = gevent.socket.socket(fileno=listener.detach())
         self.handlers = Group()
         super().__init__(listener, spawn=self.handlers.spawn)
         self.config = config
@@ -194,7 +210,7 @@ class ProxyServer(StreamServer):
                     "connection refused: limit reached",
                     extra={
                         "fields": {
-                            "peer": _peer(address),
+                            "peer": format_address(address),
                             "max_connections": limit,
                             "suppressed": suppressed,
                         }
@@ -202,7 +218,7 @@ class ProxyServer(StreamServer):
                 )
             return  # the server closes the client socket
         self._next_id += 1
-        conn = Connection(self._next_id, _peer(address))
+        conn = Connection(self._next_id, format_address(address))
         self.connections.add(conn)
         stats.incr("connections_total")
         stats.incr("connections_active")

@@ -21,11 +21,16 @@ def ignore_report_signal() -> None:
 
 
 def install(
-    report: Callable[[], None],
     stop: Callable[[], None],
     force: Callable[[], None],
+    report: Callable[[], None] | None,
+    interrupt: bool = True,
 ) -> list[object]:
-    """USR1 asks for a report; the first TERM or INT asks for a drain, the second forces."""
+    """USR1 asks for a report; the first TERM (or INT) asks for a drain, the second forces.
+
+    Without ``report`` USR1 stays ignored; without ``interrupt`` so does INT
+    (a worker leaves both to its parent).
+    """
     terms = 0
 
     def on_term() -> None:
@@ -33,8 +38,9 @@ def install(
         terms += 1
         (stop if terms == 1 else force)()
 
-    return [
-        gevent.signal_handler(signal.SIGUSR1, report),
-        gevent.signal_handler(signal.SIGTERM, on_term),
-        gevent.signal_handler(signal.SIGINT, on_term),
-    ]
+    handlers = [gevent.signal_handler(signal.SIGTERM, on_term)]
+    if interrupt:
+        handlers.append(gevent.signal_handler(signal.SIGINT, on_term))
+    if report is not None:
+        handlers.append(gevent.signal_handler(signal.SIGUSR1, report))
+    return handlers

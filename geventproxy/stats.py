@@ -32,11 +32,15 @@ __all__ = [
     "CLOSE_REASONS",
     "COUNTERS",
     "DIRECTIONS",
+    "GAUGES",
     "LATENCY_BOUNDS_US",
     "RING",
     "Stats",
     "latency_histogram",
+    "new_baseline",
     "new_block",
+    "reset_gauges",
+    "persistent_totals",
     "snapshot",
 ]
 
@@ -67,6 +71,8 @@ COUNTERS = (
     "latency_unmatched",  # responses that arrived with no REQ waiting for them
     "latency_dropped",  # REQs forgotten because a connection had too many unanswered
 )
+# The COUNTERS that describe the present, not a history: never persisted.
+GAUGES = ("connections_active",)
 
 # Upstream response time histogram: upper bounds in microseconds, seven per
 # decade from 10 us to 10 s, plus +Inf. Fixed, so every block and every
@@ -107,6 +113,11 @@ def new_block(shared: bool = False) -> memoryview:
     return block
 
 
+def reset_gauges(block: memoryview) -> None:
+    """Zero what describes a live process (its open connections), keep the totals."""
+    block[_C["connections_active"]] = 0
+
+
 class Stats:
     """The writer of one block: the only object the relays touch."""
 
@@ -116,10 +127,12 @@ class Stats:
         self,
         block: memoryview | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
+        mark_start: bool = True,
     ) -> None:
         self.block = new_block() if block is None else block
         self.clock = clock
-        self.block[_STARTED] = clock()
+        if mark_start:  # a restarted worker keeps its slot's start time
+            self.block[_STARTED] = clock()
 
     def incr(self, counter: str, n: int = 1) -> None:
         self.block[_C[counter]] += n
@@ -282,3 +295,77 @@ def latency_histogram(blocks: Iterable[memoryview]) -> tuple[list[int], int]:
             counts[i] += n
         total_us += b[_LSUM]
     return counts, total_us
+
+
+# A baseline block's start time: later than any real one, so ``snapshot``'s
+# min() over the blocks' start times (the uptime) never picks it.
+_NEVER = 2**63 - 1
+
+
+def persistent_totals(blocks: Iterable[memoryview]) -> dict[str, Any]:
+    """The counters that should survive a restart, summed over ``blocks``, by name.
+
+    Gauges, the rate windows, the recent-latency ring and the start time are
+    left out: they describe this process, not the history. Names rather than
+    slot numbers, so that a saved file outlives a change of the block layout.
+    """
+    total = [0] * _STAMP
+    for b in blocks:
+        for i, v in enumerate(b[:_STAMP].tolist()):
+            total[i] += v
+    totals: dict[str, Any] = {name: total[_C[name]] for name in COUNTERS if name not in GAUGES}
+    for d, direction in enumerate(DIRECTIONS):
+        totals[f"bytes_{direction}"] = total[_BYTES + d]
+        for k, kind in enumerate(MSG_KINDS):
+            totals[f"msg_{kind}_{direction}"] = total[_MSG + d * len(MSG_KINDS) + k]
+    totals["connections_closed"] = {
+        reason: total[_CLOSE + i] for i, reason in enumerate(CLOSE_REASONS)
+    }
+    totals["latency_bounds_us"] = list(LATENCY_BOUNDS_US)
+    totals["latency_buckets"] = total[_LCOUNT : _LCOUNT + _NB]
+    totals["latency_sum_us"] = total[_LSUM]
+    return totals
+
+
+def _count(value: Any, name: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name}: {value!r} is not a count")
+    return value
+
+
+def new_baseline(totals: dict[str, Any]) -> memoryview:
+    """A block that holds ``totals`` (from ``persistent_totals``) and nothing else.
+
+    ``snapshot`` sums it in with the live blocks: the totals carry on, the
+    rates stay those of the live blocks (the baseline's windows are empty)
+    and so does the uptime. Missing names count as zero and unknown ones are
+    ignored; a value that is not a count raises ValueError. Latency buckets
+    saved with other bounds than ``LATENCY_BOUNDS_US`` are dropped: they
+    would land in the wrong buckets.
+    """
+    if not isinstance(totals, dict):
+        raise ValueError("the totals are not an object")
+    block = new_block()
+    block[_STARTED] = _NEVER
+    for name in COUNTERS:
+        if name not in GAUGES and name in totals:
+            block[_C[name]] = _count(totals[name], name)
+    for d, direction in enumerate(DIRECTIONS):
+        name = f"bytes_{direction}"
+        block[_BYTES + d] = _count(totals.get(name, 0), name)
+        for k, kind in enumerate(MSG_KINDS):
+            name = f"msg_{kind}_{direction}"
+            block[_MSG + d * len(MSG_KINDS) + k] = _count(totals.get(name, 0), name)
+    closed = totals.get("connections_closed", {})
+    if not isinstance(closed, dict):
+        raise ValueError("connections_closed is not an object")
+    for i, reason in enumerate(CLOSE_REASONS):
+        block[_CLOSE + i] = _count(closed.get(reason, 0), f"connections_closed.{reason}")
+    buckets = totals.get("latency_buckets")
+    if buckets is not None and totals.get("latency_bounds_us") == list(LATENCY_BOUNDS_US):
+        if not isinstance(buckets, list) or len(buckets) != _NB:
+            raise ValueError("latency_buckets does not match the bounds")
+        for i, n in enumerate(buckets):
+            block[_LCOUNT + i] = _count(n, "latency_buckets")
+        block[_LSUM] = _count(totals.get("latency_sum_us", 0), "latency_sum_us")
+    return block

@@ -1,0 +1,218 @@
+"""``--workers N``: N proxy processes on one listening socket, one small parent.
+
+The parent binds the socket and maps one statistics block per worker in
+shared memory, then forks the workers before any event loop exists. Each
+worker is a full proxy writing only its own block; the parent never touches
+a connection. It owns the signals:
+
+- USR1: one JSON line, the exact sum of every worker's block (counters add
+  up; each window is the sum of the workers' windows at the same instant);
+- TERM/INT: TERM to every worker (each drains on its own), wait for them,
+  print a final line, exit 0; a second TERM/INT is passed on, and the
+  workers then close everything at once;
+- a worker that dies is logged and replaced in the same slot: its block,
+  and so every message it counted, stays in the sums.
+
+The parent is plain Python, no gevent: like gunicorn's arbiter its signal
+handlers only queue the signal and wake the main loop through a pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import sys
+import time
+
+from .config import Config
+from .logs import LOGGER, setup
+from .report import render
+from .runner import raise_fd_limit
+from .server import format_address, open_listener
+from .stats import Stats, new_block, reset_gauges, snapshot
+
+__all__ = ["supervise"]
+
+log = logging.getLogger(LOGGER)
+
+#: A slot whose worker dies sooner than this after starting waits this long before it restarts.
+RESPAWN_DELAY = 1.0
+#: Beyond --drain-timeout, how long the parent waits for workers before SIGKILL.
+STOP_GRACE = 5.0
+
+
+class _Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.blocks = [new_block(shared=True) for _ in range(config.workers)]
+        self.pids: dict[int, int] = {}  # pid -> slot
+        self.started_at: dict[int, float] = {}  # slot -> when its worker started
+        self.signals: list[int] = []
+        self.stopping = False
+        self.started_ns = time.monotonic_ns()
+        for block in self.blocks:
+            Stats(block)  # stamps the start time once; restarted workers keep it
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- signals: queue and wake, nothing else -----------------------------
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    def _install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+
+    # -- workers ---------------------------------------------------------------
+
+    def _spawn(self, slot: int, listener: object) -> None:
+        reset_gauges(self.blocks[slot])  # the previous worker's connections are gone
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = _worker_main(self.config, listener, self.blocks, slot)
+            except BaseException:  # noqa: BLE001 - the child must never return into the parent
+                logging.getLogger(LOGGER).exception("worker crashed")
+            finally:
+                os._exit(status)
+        self.pids[pid] = slot
+        self.started_at[slot] = time.monotonic()
+        log.info("worker started", extra={"fields": {"worker": slot, "pid": pid}})
+
+    def _reap(self, listener: object) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.pids.pop(pid, None)
+            if slot is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                log.info(
+                    "worker exited", extra={"fields": {"worker": slot, "pid": pid, "status": code}}
+                )
+                continue
+            log.error(
+                "worker died, restarting",
+                extra={"fields": {"worker": slot, "pid": pid, "status": code}},
+            )
+            if time.monotonic() - self.started_at.get(slot, 0.0) < RESPAWN_DELAY:
+                time.sleep(RESPAWN_DELAY)  # do not spin on a worker that dies at start
+            self._spawn(slot, listener)
+
+    def _stop(self, sig: int) -> None:
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def report(self) -> None:
+        line = render(snapshot(self.blocks, time.monotonic_ns()))
+        try:
+            os.write(sys.stdout.fileno(), line)
+        except OSError:
+            pass
+
+    # -- the main loop ---------------------------------------------------------
+
+    def run(self) -> int:
+        config = self.config
+        listener = open_listener(config.listen)
+        if listener is None:
+            return 1
+        self._install()
+        log.info(
+            "listening",
+            extra={
+                "fields": {
+                    "address": format_address(listener.getsockname()),
+                    "forward": str(config.forward),
+                    "workers": config.workers,
+                }
+            },
+        )
+        for slot in range(config.workers):
+            self._spawn(slot, listener)
+        deadline = None
+        while self.pids:
+            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            try:
+                select.select([self._wake_r], [], [], timeout)
+            except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    raise
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            while self.signals:
+                sig = self.signals.pop(0)
+                if sig == signal.SIGUSR1:
+                    self.report()
+                elif sig in (signal.SIGTERM, signal.SIGINT):
+                    if not self.stopping:
+                        self.stopping = True
+                        listener.close()  # the workers hold their own copies
+                        deadline = time.monotonic() + config.drain_timeout + STOP_GRACE
+                        log.info(
+                            "stopping workers",
+                            extra={
+                                "fields": {
+                                    "workers": len(self.pids),
+                                    "drain_timeout_s": config.drain_timeout,
+                                }
+                            },
+                        )
+                        self._stop(signal.SIGTERM)
+                    else:
+                        log.warning("second signal: workers close every connection now")
+                        self._stop(signal.SIGTERM)
+                elif sig == signal.SIGCHLD:
+                    self._reap(listener)
+            if deadline is not None and time.monotonic() >= deadline and self.pids:
+                log.error("workers did not stop in time, killing them")
+                self._stop(signal.SIGKILL)
+                deadline = time.monotonic() + STOP_GRACE
+        self.report()
+        log.info("exit")
+        return 0
+
+
+def _worker_main(config: Config, listener: object, blocks: list, slot: int) -> int:
+    """In the child: a full proxy on the shared socket, writing its own block."""
+    from .runner import run
+
+    # The parent answers USR1 and INT (a terminal's Ctrl-C reaches the whole
+    # group; the parent passes it on as TERM). CHLD is the parent's business.
+    for sig in (signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return run(
+        config,
+        listener=listener,
+        stats=Stats(blocks[slot], mark_start=False),
+        worker=slot,
+        all_blocks=blocks,
+    )
+
+
+def supervise(config: Config) -> int:
+    setup(config.log_level, config.log_format)
+    raise_fd_limit()
+    return _Supervisor(config).run()

@@ -1,0 +1,95 @@
+"""--workers: several processes on one port, one parent that reports exact sums."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import Proxy, foo_server, proxy, run_foo_client
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[int]:
+    with foo_server() as (_, port):
+        yield port
+
+
+def _workers(parent: int) -> list[int]:
+    with open(f"/proc/{parent}/task/{parent}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _worker_served(p: Proxy) -> set[str]:
+    """Which worker pids logged a connection close (json logs carry the pid)."""
+    return {
+        line.split('"pid": ')[1].split(",")[0].split("}")[0]
+        for line in p.stderr_lines
+        if '"msg": "close"' in line
+    }
+
+
+def test_two_workers_report_exact_sums_and_survive_a_worker_death(upstream: int) -> None:
+    """1. Start with -workers=2: the parent forks two workers on one listening socket.
+    2. 40 clients x 100 REQ through it: the parent's USR1 line has the exact totals,
+       the 10 s rates are exactly total / 10, and both workers served some clients.
+    3. SIGKILL one worker: the parent logs it and starts another in its slot; the dead
+       worker's counts stay in the sums.
+    4. 10 more clients: the totals grow by exactly their traffic.
+    5. SIGTERM the parent: the workers drain, the parent prints a final line, exits 0.
+    """
+    with proxy(upstream, "-workers=2", "-log-format=json") as p:
+        _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
+        first = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=40", timeout=60)
+        assert first.returncode == 0, first.stdout + first.stderr
+        report = p.report()
+        assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (4000, 3520, 480)
+        assert report["request_rate_10s"] == 400.0 and report["response_rate_10s"] == 400.0
+        assert report["connections_total"] == 40 and report["connections_active"] == 0
+        assert len(_worker_served(p)) == 2, "the kernel gave every client to one worker"
+
+        victim = _workers(p.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        p.wait_log("worker died, restarting")
+        _wait_for(lambda: len(_workers(p.proc.pid)) == 2 and victim not in _workers(p.proc.pid))
+        assert p.report()["msg_req"] == 4000
+
+        second = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=10")
+        assert second.returncode == 0, second.stdout + second.stderr
+        report = p.report()
+        assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (5000, 4400, 600)
+        assert report["msg_total"] == 10000
+
+        workers = _workers(p.proc.pid)
+        lines_before = len(p.stdout_lines)
+        assert p.stop() == 0
+        for pid in workers:  # reaped by the parent before it exited
+            assert not os.path.exists(f"/proc/{pid}")
+        _wait_for(lambda: len(p.stdout_lines) == lines_before + 1)
+        final = p.reports.get(timeout=2)
+        while not p.reports.empty():
+            final = p.reports.get_nowait()
+        assert final["msg_req"] == 5000
+
+
+def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(upstream: int) -> None:
+    """1. USR1 to every process (as `systemctl kill` does): exactly one line, the parent's.
+    2. The workers are still there afterwards."""
+    with proxy(upstream, "-workers=2") as p:
+        _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
+        workers = _workers(p.proc.pid)
+        for pid in [p.proc.pid, *workers]:
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert len(p.stdout_lines) == 1
+        assert _workers(p.proc.pid) == workers
