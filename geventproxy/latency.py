@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["RequestTimer"]
 
 
+_EMPTY: deque[list[int]] = deque(maxlen=0)
+
+
 class RequestTimer:
     """The unanswered REQs of one connection, oldest first."""
 
@@ -32,7 +35,7 @@ class RequestTimer:
     def __init__(self, stats: Stats, limit: int = default_limit) -> None:
         self.stats = stats
         self.limit = limit
-        self._queue: deque[list[int]] = deque()  # [sent_ns, requests]
+        self._queue: deque[list[int]] = _EMPTY  # [sent_ns, requests]; made on first use
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -40,6 +43,8 @@ class RequestTimer:
     def sent(self, now_ns: int, counts: Counts) -> None:
         """A chunk from the client was forwarded, holding ``counts.req`` REQs."""
         if counts[0]:
+            if self._queue is _EMPTY:
+                self._queue = deque()  # an idle connection never pays for one
             self._queue.append([now_ns, counts[0]])
             if len(self._queue) > self.limit:
                 self.stats.incr("latency_dropped", self._queue.popleft()[1])
