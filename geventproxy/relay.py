@@ -1,7 +1,7 @@
 """The hot path: copy one direction of a connection and count what passes.
 
-A relay owns nothing: the connection handler creates both sockets, runs one
-relay per direction and closes the sockets after both have returned.
+A relay owns nothing: the connection creates both sockets and the watchers,
+runs one relay per direction and closes everything after both have ended.
 
 Per chunk the relay waits until its source is readable, reads once, and
 tries one plain ``send``; only when the kernel takes part of the chunk does
@@ -14,7 +14,7 @@ The chunk is counted after it is forwarded: counting never delays a byte.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import Counts, LineScanner, StrictFilter
 
@@ -23,7 +23,15 @@ if TYPE_CHECKING:
 
     from .stats import Stats
 
-__all__ = ["CLIENT_TO_UPSTREAM", "UPSTREAM_TO_CLIENT", "Tally", "relay", "strict_relay"]
+__all__ = [
+    "CLIENT_TO_UPSTREAM",
+    "PARKED",
+    "UPSTREAM_TO_CLIENT",
+    "Direction",
+    "Park",
+    "Tally",
+    "relay",
+]
 
 CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT = 0, 1
 
@@ -60,171 +68,192 @@ def _send_rest(
             pass
 
 
+class Park(Exception):
+    """Thrown into a copy loop that waits for its source, to give its greenlet back.
+
+    Honoured only at the wait for readability, where the loop holds nothing;
+    at any other wait it is ignored.
+    """
+
+
+PARKED = "parked"
+
+
+class Direction:
+    """One direction of a connection: what its copy loop needs, kept across parking."""
+
+    __slots__ = ("index", "src", "dst", "readable", "writable", "scanner", "on_messages")
+
+    def __init__(
+        self,
+        hub: Hub,
+        index: int,
+        src: socket.socket,
+        dst: socket.socket,
+        scanner: LineScanner | StrictFilter,
+        on_messages: Callable[[int, Counts], None],
+    ) -> None:
+        self.index = index
+        self.src = src
+        self.dst = dst
+        self.readable = hub.loop.io(src.fileno(), 1)
+        self.writable = hub.loop.io(dst.fileno(), 2)
+        self.scanner = scanner
+        self.on_messages = on_messages
+
+    def close(self) -> None:
+        self.readable.close()
+        self.writable.close()
+
+
 def relay(
-    hub: Hub,
-    src: socket.socket,
-    dst: socket.socket,
-    direction: int,
-    stats: Stats,
-    tally: Tally,
-    max_line: int,
-    bufsize: int,
-    on_messages: Callable[[int, Counts], None],
-    ended: Callable[[str], None],
+    hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: int, ended: Callable[[str], None]
 ) -> str:
-    """Run one direction; tell ``ended`` why it stopped, whatever happens."""
+    """Run one direction until it ends or is parked; tell ``ended`` when it ends."""
     outcome = "error"
     try:
-        outcome = _copy(hub, src, dst, direction, stats, tally, max_line, bufsize, on_messages)
+        if isinstance(d.scanner, StrictFilter):
+            outcome = _copy_strict(hub, d, stats, tally, bufsize)
+        else:
+            # Plain positional call: CPython runs it in this C frame, so a parked
+            # greenlet saves less stack.
+            outcome = _copy(
+                hub,
+                d.index,
+                d.src,
+                d.dst,
+                d.readable,
+                d.writable,
+                d.scanner.feed,
+                d.on_messages,
+                stats,
+                tally,
+                bufsize,
+            )
         return outcome
     finally:
-        ended(outcome)
+        if outcome != PARKED:
+            ended(outcome)
 
 
-def strict_relay(
-    hub: Hub,
-    src: socket.socket,
-    dst: socket.socket,
-    direction: int,
-    stats: Stats,
-    tally: Tally,
-    max_line: int,
-    bufsize: int,
-    on_messages: Callable[[int, Counts], None],
-    ended: Callable[[str], None],
-) -> str:
-    """``relay`` for the client-to-upstream direction in strict mode."""
-    assert direction == CLIENT_TO_UPSTREAM
-    outcome = "error"
+def _half_close(sock: socket.socket) -> None:
     try:
-        outcome = _copy_strict(hub, src, dst, stats, tally, max_line, bufsize, on_messages)
-        return outcome
-    finally:
-        ended(outcome)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
-# Both are called with plain positional calls (no partial, no *args): CPython
-# then runs them in the caller's C frame, and a parked greenlet saves less stack.
+def _send_rest(hub: Hub, writable: Any, send: Callable[..., int], data: bytes, sent: int) -> None:
+    """Finish a partial send, waiting for writability between tries."""
+    view = memoryview(data)
+    total = len(data)
+    while sent < total:
+        try:
+            hub.wait(writable)
+        except Park:
+            continue  # a chunk is in flight: not a place to park
+        try:
+            sent += send(view[sent:])
+        except BlockingIOError:
+            pass
 
 
 def _copy(
     hub: Hub,
+    direction: int,
     src: socket.socket,
     dst: socket.socket,
-    direction: int,
+    readable: Any,
+    writable: Any,
+    feed: Callable[[bytes], Counts],
+    on_messages: Callable[[int, Counts], None],
     stats: Stats,
     tally: Tally,
-    max_line: int,
     bufsize: int,
-    on_messages: Callable[[int, Counts], None],
 ) -> str:
-    """Copy ``src`` to ``dst`` until EOF or an error; return why it ended.
+    """Copy ``src`` to ``dst`` until EOF, an error or a Park; return which.
 
     On EOF the write side of ``dst`` is shut down, so the peer sees the
-    half-close and the other direction carries on. Both sockets must be
-    non-blocking.
+    half-close and the other direction carries on.
     """
     eof, src_error, dst_error = _OUTCOMES[direction]
-    readable = hub.loop.io(src.fileno(), 1)
-    writable = hub.loop.io(dst.fileno(), 2)
     wait = hub.wait
     recv = src.recv
     send = dst.send
-    feed = LineScanner(max_line).feed
     record = stats.record
     moved = tally.bytes
-    try:
-        while True:
+    messages = tally.messages
+    while True:
+        try:
             wait(readable)
+        except Park:
+            return PARKED
+        try:
+            data = recv(bufsize)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            return src_error if isinstance(exc, _RESETS) else "error"
+        if not data:
+            _half_close(dst)
+            return eof
+        # Forward first, at once; wait for writability only if the kernel took less.
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            return dst_error if isinstance(exc, _RESETS) else "error"
+        n = len(data)
+        if sent < n:
             try:
-                data = recv(bufsize)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                return src_error if isinstance(exc, _RESETS) else "error"
-            if not data:
-                try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                return eof
-            try:
-                sent = send(data)
-            except BlockingIOError:
-                sent = 0
+                _send_rest(hub, writable, send, data, sent)
             except OSError as exc:
                 return dst_error if isinstance(exc, _RESETS) else "error"
-            n = len(data)
-            if sent < n:
-                try:
-                    _send_rest(hub, writable, send, data, sent)
-                except OSError as exc:
-                    return dst_error if isinstance(exc, _RESETS) else "error"
-            moved[direction] += n
-            counts = feed(data)
-            now = record(direction, n, counts)
-            if now:  # the chunk completed messages: time them, tally them
-                on_messages(now, counts)
-                tally.messages[direction] += counts[0] + counts[1] + counts[2]
-    finally:
-        readable.close()
-        writable.close()
+        # Then count: a few additions per chunk, the clock only if messages completed.
+        moved[direction] += n
+        counts = feed(data)
+        now = record(direction, n, counts)
+        if now:
+            on_messages(now, counts)
+            messages[direction] += counts[0] + counts[1] + counts[2]
 
 
-def _copy_strict(
-    hub: Hub,
-    src: socket.socket,
-    dst: socket.socket,
-    stats: Stats,
-    tally: Tally,
-    max_line: int,
-    bufsize: int,
-    on_messages: Callable[[int, Counts], None],
-) -> str:
+def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: int) -> str:
     """The client-to-upstream direction in strict mode.
 
     Only complete, well-formed REQ lines are forwarded; the first other line
     ends the connection before any of its bytes reach the upstream.
     """
     eof, src_error, dst_error = _OUTCOMES[CLIENT_TO_UPSTREAM]
-    readable = hub.loop.io(src.fileno(), 1)
-    writable = hub.loop.io(dst.fileno(), 2)
-    check = StrictFilter(max_line)
-    moved = tally.bytes
-    try:
-        while True:
-            hub.wait(readable)
+    check = d.scanner
+    assert isinstance(check, StrictFilter)
+    while True:
+        try:
+            hub.wait(d.readable)
+        except Park:
+            return PARKED
+        try:
+            data = d.src.recv(bufsize)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            return src_error if isinstance(exc, _RESETS) else "error"
+        if not data:
+            _half_close(d.dst)
+            return eof
+        good, counts, violation = check.feed(data)
+        if good:
             try:
-                data = src.recv(bufsize)
-            except BlockingIOError:
-                continue
+                _send_rest(hub, d.writable, d.dst.send, good, 0)
             except OSError as exc:
-                return src_error if isinstance(exc, _RESETS) else "error"
-            if not data:
-                try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                return eof
-            good, counts, violation = check.feed(data)
-            if good:
-                try:
-                    try:
-                        sent = dst.send(good)
-                    except BlockingIOError:
-                        sent = 0
-                    _send_rest(hub, writable, dst.send, good, sent)
-                except OSError as exc:
-                    return dst_error if isinstance(exc, _RESETS) else "error"
-                moved[CLIENT_TO_UPSTREAM] += len(good)
-                now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
-                if now:
-                    on_messages(now, counts)
-                tally.messages[CLIENT_TO_UPSTREAM] += counts.req
-            if violation is not None:
-                stats.record(CLIENT_TO_UPSTREAM, 0, Counts(invalid=1))
-                tally.violation = violation
-                return "strict_violation"
-    finally:
-        readable.close()
-        writable.close()
+                return dst_error if isinstance(exc, _RESETS) else "error"
+            tally.bytes[CLIENT_TO_UPSTREAM] += len(good)
+            now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
+            if now:
+                d.on_messages(now, counts)
+            tally.messages[CLIENT_TO_UPSTREAM] += counts.req
+        if violation is not None:
+            stats.record(CLIENT_TO_UPSTREAM, 0, Counts(invalid=1))
+            tally.violation = violation
+            return "strict_violation"

@@ -21,16 +21,15 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 
 from .config import Address, Config
-from .latency import RequestTimer
+from .connection import Connection
 from .logs import LOGGER, RateLimit, escape
-from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Tally, relay, strict_relay
+from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT
 from .stats import Stats
 
-__all__ = ["Connection", "ProxyServer", "format_address", "make_listener", "open_listener"]
+__all__ = ["ProxyServer", "format_address", "make_listener", "open_listener"]
 
 log = logging.getLogger(LOGGER)
 
-_EOF_REASONS = ("client_closed", "upstream_closed")
 # accept() failures that mean "out of a resource": back off instead of spinning.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() failures caused by the one client that gave up: ignore.
@@ -102,70 +101,15 @@ def format_address(address: Any) -> str:
     return str(address)
 
 
-class Connection:
-    """One proxied client: its sockets, what it moved, and how it ended."""
-
-    __slots__ = (
-        "id",
-        "peer",
-        "started",
-        "tally",
-        "sockets",
-        "reason",
-        "first_eof",
-        "upstream_eof",
-        "seen",
-        "seen_at",
-    )
-
-    def __init__(self, conn_id: int, peer: str) -> None:
-        self.id = conn_id
-        self.peer = peer
-        self.started = time.monotonic()
-        self.tally = Tally()
-        self.sockets: tuple[socket.socket, ...] = ()
-        self.reason: str | None = None  # the first abnormal end, or the proxy's decision
-        self.first_eof: str | None = None  # which side half-closed first
-        self.upstream_eof = False
-        self.seen = 0  # bytes moved at the last sweep
-        self.seen_at = self.started  # when that number last changed
-
-    def ended(self, outcome: str) -> None:
-        """A direction has ended: a half-close lets the other go on; anything else ends both."""
-        if outcome in _EOF_REASONS:
-            if self.first_eof is None:
-                self.first_eof = outcome
-            if outcome == "upstream_closed":
-                self.upstream_eof = True
-                self.seen_at = time.monotonic()  # the --fin-timeout runs from here
-        else:
-            self.abort(outcome)
-
-    def abort(self, reason: str) -> None:
-        """End both directions now, from anywhere (a relay, the sweeper, the drain).
-
-        Shutting a socket down wakes whatever waits on it: a reader sees EOF, a
-        writer EPIPE. So both relays return promptly on their own, through
-        their normal exits, and the handler closes the sockets after joining them.
-        """
-        if self.reason is None:
-            self.reason = reason
-        for sock in self.sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    @property
-    def outcome(self) -> str:
-        return self.reason or self.first_eof or "error"
-
-
 class ProxyServer(StreamServer):
     """The proxy's listener. Tunables are the Config fields and the attributes below."""
 
     #: Bytes read from a socket at once: the most a relay holds per direction.
     buffer_size = 65536
+    #: Seconds without traffic after which a connection's client side gives its greenlet back.
+    park_after = 2.0
+    #: How often idle connections are looked at (timeouts are checked at least this often).
+    sweep_interval = 1.0
     #: Back-off between accept retries when out of file descriptors (doubles up to max).
     accept_retry_min = 0.05
     accept_retry_max = 1.0
@@ -299,32 +243,9 @@ class ProxyServer(StreamServer):
                     "fields": {"conn": conn.id, "peer": conn.peer, "upstream": str(config.forward)}
                 },
             )
-        timer = RequestTimer(stats)
-        common = (stats, conn.tally, config.max_line, self.buffer_size)
-        conn.sockets = (client, upstream)
-        # Two copy loops, one per direction. This greenlet runs the upstream-to-client
-        # one itself and spawns the other: one parked greenlet less per connection
-        # (about 8 KiB). Each direction reports its end to the connection.
-        copy_up = strict_relay if config.strict else relay
-        up = gevent.spawn(
-            copy_up, hub, client, upstream, CLIENT_TO_UPSTREAM, *common, timer.sent, conn.ended
+        reason = conn.run(
+            hub, client, upstream, stats, config.max_line, self.buffer_size, config.strict
         )
-        try:
-            relay(
-                hub,
-                upstream,
-                client,
-                UPSTREAM_TO_CLIENT,
-                stats,
-                conn.tally,
-                config.max_line,
-                self.buffer_size,
-                timer.answered,
-                conn.ended,
-            )
-        finally:
-            up.join()  # after a half-close the client side goes on until it ends too
-        reason = conn.outcome
         stats.closed(reason)
         if reason == "strict_violation":
             log.warning(
@@ -360,9 +281,9 @@ class ProxyServer(StreamServer):
     def start(self) -> None:
         super().start()
         config = self.config
-        timeouts = [t for t in (config.idle_timeout, config.fin_timeout) if t > 0]
-        if timeouts and self._sweeper is None:
-            tick = min(1.0, max(0.02, min(timeouts) / 4))
+        timeouts = [t for t in (config.idle_timeout, config.fin_timeout, self.park_after) if t > 0]
+        if self._sweeper is None:
+            tick = min(self.sweep_interval, max(0.02, min(timeouts, default=1.0) / 4))
             self._sweeper = gevent.spawn(self._sweep_forever, tick)
 
     def _sweep_forever(self, tick: float) -> None:
@@ -371,7 +292,7 @@ class ProxyServer(StreamServer):
             self.sweep(time.monotonic())
 
     def sweep(self, now: float) -> None:
-        """Close connections past their idle or half-closed deadline."""
+        """Close connections past their idle or half-closed deadline; park idle ones."""
         idle_timeout, fin_timeout = self.config.idle_timeout, self.config.fin_timeout
         for conn in list(self.connections):
             moved = conn.tally.bytes[0] + conn.tally.bytes[1]
@@ -383,6 +304,8 @@ class ProxyServer(StreamServer):
                 conn.abort("upstream_closed")
             elif idle_timeout and idle >= idle_timeout:
                 conn.abort("idle_timeout")
+            elif idle >= self.park_after:
+                conn.park()
 
     def drain(self, timeout: float) -> int:
         """Stop accepting, let connections finish for ``timeout``, then close the rest.

@@ -1,0 +1,149 @@
+"""One proxied client: its two directions, how they end, and what it costs idle.
+
+The handler greenlet that gevent's server spawns for the client runs the
+upstream-to-client copy loop itself. The client-to-upstream loop runs in a
+greenlet of its own, but only while the client is active: it is started when
+the client first sends, and an idle one is parked (its greenlet ends, a
+watcher waits for the next byte and starts a new one). A parked greenlet
+costs about 8 KiB; an idle connection so costs one greenlet, not two.
+
+Each direction reports how it ended. A half-close (EOF) lets the other
+direction go on; anything else aborts both: shutting a socket down wakes
+whatever waits on it (a reader sees EOF, a writer EPIPE), so every loop
+returns through its normal exit and the handler closes the sockets only
+after both loops are done.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.event import Event
+
+from .codec import LineScanner, StrictFilter
+from .latency import RequestTimer
+from .relay import CLIENT_TO_UPSTREAM, PARKED, UPSTREAM_TO_CLIENT, Direction, Park, Tally, relay
+
+if TYPE_CHECKING:
+    from gevent.hub import Hub
+
+    from .stats import Stats
+
+__all__ = ["EOF_REASONS", "Connection"]
+
+EOF_REASONS = ("client_closed", "upstream_closed")
+
+
+class Connection:
+    """One client and its upstream, from the upstream's dial to the close."""
+
+    __slots__ = (
+        "id",
+        "peer",
+        "started",
+        "tally",
+        "sockets",
+        "reason",
+        "first_eof",
+        "upstream_eof",
+        "seen",
+        "seen_at",
+        "_up",
+        "_up_greenlet",
+    )
+
+    def __init__(self, conn_id: int, peer: str) -> None:
+        self.id = conn_id
+        self.peer = peer
+        self.started = time.monotonic()
+        self.tally = Tally()
+        self.sockets: tuple[socket.socket, ...] = ()
+        self.reason: str | None = None  # the first abnormal end, or the proxy's decision
+        self.first_eof: str | None = None  # which side half-closed first
+        self.upstream_eof = False
+        self.seen = 0  # bytes moved at the last sweep
+        self.seen_at = self.started  # when that number last changed
+        self._up: Direction | None = None
+        self._up_greenlet: gevent.Greenlet | None = None  # None while parked
+
+    # -- running ---------------------------------------------------------------
+
+    def run(
+        self,
+        hub: Hub,
+        client: socket.socket,
+        upstream: socket.socket,
+        stats: Stats,
+        max_line: int,
+        bufsize: int,
+        strict: bool = False,
+    ) -> str:
+        """Relay both directions until both have ended; return why the connection ended."""
+        self.sockets = (client, upstream)
+        timer = RequestTimer(stats)
+        scanner = StrictFilter(max_line) if strict else LineScanner(max_line)
+        up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
+        down = Direction(
+            hub, UPSTREAM_TO_CLIENT, upstream, client, LineScanner(max_line), timer.answered
+        )
+        self._up = up
+        done = Event()
+
+        def run_up() -> None:
+            outcome = "error"
+            try:
+                outcome = relay(hub, up, stats, self.tally, bufsize, self.ended)
+            finally:
+                self._up_greenlet = None
+                if outcome == PARKED:
+                    up.readable.start(wake_up)
+                else:
+                    done.set()
+
+        def wake_up() -> None:  # a loop callback: only starts the greenlet
+            up.readable.stop()
+            self._up_greenlet = gevent.spawn(run_up)
+
+        up.readable.start(wake_up)  # the client side starts when the client first sends
+        try:
+            relay(hub, down, stats, self.tally, bufsize, self.ended)
+        finally:
+            # After a half-close the client side goes on until it ends too.
+            done.wait()
+            up.close()
+            down.close()
+        return self.reason or self.first_eof or "error"
+
+    def park(self) -> bool:
+        """Give back the client side's greenlet if it only waits for the client."""
+        up, greenlet = self._up, self._up_greenlet
+        if up is None or greenlet is None or not up.readable.active:
+            return False
+        greenlet.kill(Park, block=False)
+        return True
+
+    # -- ending ------------------------------------------------------------------
+
+    def ended(self, outcome: str) -> None:
+        """A direction has ended: a half-close lets the other go on; anything else ends both."""
+        if outcome in EOF_REASONS:
+            if self.first_eof is None:
+                self.first_eof = outcome
+            if outcome == "upstream_closed":
+                self.upstream_eof = True
+                self.seen_at = time.monotonic()  # the --fin-timeout runs from here
+        else:
+            self.abort(outcome)
+
+    def abort(self, reason: str) -> None:
+        """End both directions now; safe from a relay, the sweeper or the drain."""
+        if self.reason is None:
+            self.reason = reason
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
