@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["RequestTimer"]
 
 
-_EMPTY: deque[list[int]] = deque(maxlen=0)
+_EMPTY: deque[int] = deque(maxlen=0)
 
 
 class RequestTimer:
@@ -35,34 +35,40 @@ class RequestTimer:
     def __init__(self, stats: Stats, limit: int = default_limit) -> None:
         self.stats = stats
         self.limit = limit
-        self._queue: deque[list[int]] = _EMPTY  # [sent_ns, requests]; made on first use
+        # Flat pairs: sent_ns, requests, sent_ns, requests... (no tuple per chunk).
+        # Made on first use: an idle connection never pays for one.
+        self._queue: deque[int] = _EMPTY
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) // 2
 
     def sent(self, now_ns: int, counts: Counts) -> None:
-        """A chunk from the client was forwarded, holding ``counts.req`` REQs."""
-        if counts[0]:
-            if self._queue is _EMPTY:
-                self._queue = deque()  # an idle connection never pays for one
-            self._queue.append([now_ns, counts[0]])
-            if len(self._queue) > self.limit:
-                self.stats.incr("latency_dropped", self._queue.popleft()[1])
+        """A chunk from the client was forwarded, holding ``counts[0]`` REQs."""
+        n = counts[0]
+        if n:
+            queue = self._queue
+            if queue is _EMPTY:
+                queue = self._queue = deque()
+            queue.append(now_ns)
+            queue.append(n)
+            if len(queue) > 2 * self.limit:
+                queue.popleft()
+                self.stats.incr("latency_dropped", queue.popleft())
 
     def answered(self, now_ns: int, counts: Counts) -> None:
         """A chunk from the upstream was forwarded, holding ACKs and NAKs."""
         n = counts[1] + counts[2]
         queue = self._queue
-        observe = self.stats.observe_latency
         while n and queue:
-            entry = queue[0]
-            sent_ns, waiting = entry
-            take = waiting if waiting <= n else n
-            observe(now_ns, now_ns - sent_ns, take)
-            n -= take
-            if take == waiting:
+            sent_ns, waiting = queue[0], queue[1]
+            if waiting <= n:
                 queue.popleft()
+                queue.popleft()
+                take = waiting
             else:
-                entry[1] = waiting - take
+                queue[1] = waiting - n
+                take = n
+            self.stats.observe_latency(now_ns, now_ns - sent_ns, take)
+            n -= take
         if n:
             self.stats.incr("latency_unmatched", n)

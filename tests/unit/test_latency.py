@@ -1,0 +1,51 @@
+"""Matching responses to requests, with an injected clock (no sockets)."""
+
+from __future__ import annotations
+
+from geventproxy.latency import RequestTimer
+from geventproxy.stats import Stats, latency_histogram, snapshot
+
+MS = 1_000_000
+
+
+def _stats() -> Stats:
+    return Stats(clock=lambda: 0)
+
+
+def test_pipelined_requests_are_matched_in_order() -> None:
+    """1. Chunks of 3 and 2 REQs sent at t=0 and t=1 ms. 2. Replies arrive 1 and 4 at a time.
+    3. Each reply is timed against the chunk that holds its request."""
+    stats = _stats()
+    timer = RequestTimer(stats)
+    timer.sent(0, (3, 0, 0, 0))
+    timer.sent(1 * MS, (2, 0, 0, 0))
+    timer.answered(5 * MS, (0, 1, 0, 0))  # 1st REQ: 5 ms
+    timer.answered(9 * MS, (0, 3, 1, 0))  # 2nd, 3rd: 9 ms; 4th, 5th: 8 ms
+    counts, total_us = latency_histogram([stats.block])
+    assert sum(counts) == 5
+    assert total_us == 5_000 + 2 * 9_000 + 2 * 8_000
+    assert len(timer) == 0
+    report = snapshot([stats.block], 9 * MS)
+    assert report["latency_count"] == 5 and report["latency_unmatched"] == 0
+    assert 4.0 <= report["latency_p50_ms"] <= 10.0
+
+
+def test_replies_without_requests_are_counted_not_fatal() -> None:
+    stats = _stats()
+    timer = RequestTimer(stats)
+    timer.answered(1 * MS, (0, 2, 0, 0))
+    timer.sent(2 * MS, (1, 0, 0, 0))
+    timer.answered(3 * MS, (0, 1, 1, 0))
+    report = snapshot([stats.block], 3 * MS)
+    assert report["latency_unmatched"] == 3 and report["latency_count"] == 1
+
+
+def test_memory_is_bounded_when_the_server_never_answers() -> None:
+    """1. 10,000 chunks of REQs, no reply. 2. At most `limit` chunks are remembered;
+    the rest are dropped and counted."""
+    stats = _stats()
+    timer = RequestTimer(stats, limit=100)
+    for i in range(10_000):
+        timer.sent(i, (2, 0, 0, 0))
+    assert len(timer) == 100
+    assert snapshot([stats.block], 10_000)["latency_dropped"] == 2 * (10_000 - 100)
