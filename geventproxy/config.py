@@ -298,7 +298,12 @@ def _parser() -> _Parser:
         allow_abbrev=False,
     )
     for name, parse, metavar, text in _FLAGS:
-        kwargs: dict[str, Any] = {"type": _wrap(name, parse), "metavar": metavar, "help": text}
+        kwargs: dict[str, Any] = {
+            "type": _wrap(name, parse),
+            "metavar": metavar,
+            "help": text,
+            "default": argparse.SUPPRESS,  # absent flags leave the environment's value alone
+        }
         if parse is _boolean:
             kwargs.update(nargs="?", const=True)  # -strict, or -strict=false
         parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), **kwargs)
@@ -323,10 +328,8 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Config:
             except ConfigError as exc:
                 raise ConfigError(f"{var}: {exc}") from None
     namespace = _parser().parse_args(list(argv))
-    for key, value in vars(namespace).items():
-        if value is not None:
-            values[key] = value
+    values.update(vars(namespace))  # only the flags given: -admin=off overrides the environment
     config = Config(**values)
-    if config.admin is not None and config.admin == config.listen:
+    if config.admin is not None and config.admin == config.listen and config.admin.port:
         raise ConfigError("--admin must differ from --listen")
     return config

@@ -29,6 +29,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _write_in_thread(fd: int, data: bytes) -> OSError | None:
+    """``_write_all`` for the thread pool: the error returned, not raised (gevent
+    would print the traceback of an exception leaving a pool thread)."""
+    try:
+        _write_all(fd, data)
+    except OSError as exc:
+        return exc
+    return None
+
+
 class Reporter:
     """Writes ``snapshot()`` to ``fd`` whenever ``request`` is called."""
 
@@ -53,10 +63,9 @@ class Reporter:
             self._idle.clear()
             try:
                 line = render(self.snapshot())  # taken without yielding
-                threadpool.apply(_write_all, (self.fd, line))
-                self.written += 1
-            except OSError:
-                pass  # stdout closed: nothing to report to, keep serving
+                if threadpool.apply(_write_in_thread, (self.fd, line)) is None:
+                    self.written += 1
+                # else stdout is closed: nothing to report to, keep serving
             finally:
                 self._idle.set()
 

@@ -1,13 +1,17 @@
 """One proxy process from start to exit, in an explicit order.
 
-Start: logging, file-descriptor limit, bind, signals, accept.
+Start: logging, file-descriptor limit, bind (proxy, then --admin), saved
+totals (--state-file), signals, accept, then the admin endpoint and the
+state writer.
 Stop (first TERM/INT): stop accepting, let connections finish for
---drain-timeout, close the rest, write a final report, exit 0. A second
-TERM/INT closes everything at once.
+--drain-timeout, close the rest, close the admin endpoint, write the state
+file, write a final report, exit 0. A second TERM/INT closes everything at
+once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import socket
@@ -17,11 +21,13 @@ import gevent
 from gevent.event import Event
 
 from . import __version__, signals
+from .admin import AdminServer, serve
 from .config import Config
 from .logs import LOGGER, setup
 from .report import Reporter
 from .server import ProxyServer, format_address, open_listener
-from .stats import Stats, snapshot
+from .state import StateWriter, load_baseline
+from .stats import Block, Stats, latency_histogram, persistent_totals, snapshot
 
 __all__ = ["raise_fd_limit", "run"]
 
@@ -49,13 +55,16 @@ def run(
     stats: Stats | None = None,
     *,
     worker: int | None = None,
-    all_blocks: list[memoryview] | None = None,
+    all_blocks: list[Block] | None = None,
+    admin_listener: socket.socket | None = None,
 ) -> int:
     """Serve until TERM/INT; the exit status.
 
     As one of several workers (``worker`` is its slot), the parent owns USR1,
-    INT and the reports: this process only serves and drains on TERM.
-    ``all_blocks`` are every worker's statistics, for what reports sums.
+    INT, the reports and the state file: this process serves, drains on
+    TERM, and serves the admin endpoint if it is handed ``admin_listener``.
+    ``all_blocks`` are the blocks a report sums (every worker's, and the
+    saved totals).
     """
     log = setup(config.log_level, config.log_format)
     if listener is None:
@@ -63,15 +72,25 @@ def run(
         listener = open_listener(config.listen)
         if listener is None:
             return 1
+    if worker is None and config.admin is not None:
+        admin_listener = open_listener(config.admin)
+        if admin_listener is None:
+            return 1
     stats = stats or Stats()
     server = ProxyServer(listener, config, stats)
+    if worker is not None:
+        # Workers share one listening socket and all wake for each new client: taking
+        # one client per wake-up lets the least busy worker take the next one.
+        server.max_accept = 1
     stop, force = Event(), Event()
     reporter = None
     if worker is None:
-        blocks = all_blocks or [stats.block]
+        # Totals saved by an earlier run are a block of their own, summed into every report.
+        blocks = [stats.block, *load_baseline_blocks(config)]
         reporter = Reporter(lambda: snapshot(blocks, time.monotonic_ns()))
         signals.install(stop=stop.set, force=force.set, report=reporter.request)
     else:
+        blocks = all_blocks or [stats.block]
         signals.install(stop=stop.set, force=force.set, report=None, interrupt=False)
     server.start()
     log.info(
@@ -90,8 +109,11 @@ def run(
             }
         },
     )
+    # The state file is the parent's in a multi-worker proxy.
+    extras = _start_extras(config, server, blocks, admin_listener, state=worker is None)
     stop.wait()
     _shutdown(server, config, force, log)
+    _stop_extras(extras)
     if reporter is not None:
         reporter.final()
     signals.ignore_report_signal()
@@ -115,3 +137,54 @@ def _shutdown(server: ProxyServer, config: Config, force: Event, log: logging.Lo
         closed = drainer.value or 0
     if closed:
         log.warning("closed connections at shutdown", extra={"fields": {"connections": closed}})
+
+
+@dataclasses.dataclass
+class _Extras:
+    """The optional services around the proxy: admin endpoint, state file."""
+
+    admin: AdminServer | None = None
+    state: StateWriter | None = None
+
+
+def load_baseline_blocks(config: Config) -> list[Block]:
+    """The totals of the state file as a block to sum in, if there is one."""
+    if config.state_file is None:
+        return []
+    baseline = load_baseline(config.state_file)
+    return [] if baseline is None else [baseline]
+
+
+def _start_extras(
+    config: Config,
+    server: ProxyServer,
+    blocks: list[Block],
+    admin_listener: socket.socket | None,
+    state: bool,
+) -> _Extras:
+    """Start what the flags ask for, once the proxy accepts; ``blocks`` as the reports see them."""
+    extras = _Extras()
+    if admin_listener is not None:
+        extras.admin = serve(
+            admin_listener,
+            forward=config.forward,
+            connect_timeout=config.connect_timeout,
+            health_interval=config.health_interval,
+            snapshot=lambda: snapshot(blocks, time.monotonic_ns()),
+            histogram=lambda: latency_histogram(blocks),
+            accepting=lambda: not server.closed,
+        )
+    if state and config.state_file is not None:
+        extras.state = StateWriter(
+            config.state_file, lambda: persistent_totals(blocks), config.state_interval
+        )
+        extras.state.start()
+    return extras
+
+
+def _stop_extras(extras: _Extras) -> None:
+    """After the drain: close the admin endpoint, then write the final totals."""
+    if extras.admin is not None:
+        extras.admin.stop()
+    if extras.state is not None:
+        extras.state.stop()

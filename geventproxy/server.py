@@ -123,6 +123,7 @@ class ProxyServer(StreamServer):
         self.connections: set[Connection] = set()
         self._next_id = 0
         self._accept_retry = self.accept_retry_min
+        self._resume_timer: Any = None  # at most one pending resume of accepting
         self._accept_log = RateLimit(5.0)
         self._refuse_log = RateLimit(5.0)
         self._upstream_log = RateLimit(1.0)
@@ -141,15 +142,14 @@ class ProxyServer(StreamServer):
             self.stats.incr("accept_errors")
             self._pause_accepting(exc)
             return None
-        self._accept_retry = self.accept_retry_min
         return result
 
-    def _pause_accepting(self, exc: OSError) -> None:
+    def _pause_accepting(self, exc: OSError, what: str = "accept failed") -> None:
         """Out of descriptors: stop watching the listener for a while instead of spinning."""
         suppressed = self._accept_log.allow()
         if suppressed is not None:
             log.error(
-                "accept failed, pausing",
+                f"{what}, pausing",
                 extra={
                     "fields": {
                         "error": exc.strerror,
@@ -159,12 +159,15 @@ class ProxyServer(StreamServer):
                 },
             )
         self.stop_accepting()
-        timer = self.loop.timer(self._accept_retry)
+        if self._resume_timer is not None:
+            return  # already paused: a second timer would resume early, losing the back-off
+        timer = self._resume_timer = self.loop.timer(self._accept_retry)
         timer.start(self._resume_accepting, timer)
         self._accept_retry = min(self._accept_retry * 2, self.accept_retry_max)
 
     def _resume_accepting(self, timer: Any) -> None:
         timer.close()
+        self._resume_timer = None
         if not self.closed:
             self.start_accepting()
 
@@ -208,11 +211,22 @@ class ProxyServer(StreamServer):
 
     def _dial(self, conn: Connection) -> socket.socket | None:
         target = self.config.forward
+        timeout = self.config.connect_timeout or None
         try:
-            sock = gevent.socket.create_connection(
-                (target.host, target.port), timeout=self.config.connect_timeout or None
-            )
+            # One deadline for the name lookup and the connect: create_connection's own
+            # timeout covers connect() only, and a DNS server that never answers must
+            # not hold the client past --connect-timeout either.
+            with gevent.Timeout(timeout, TimeoutError("timed out")):
+                sock = gevent.socket.create_connection((target.host, target.port), timeout=timeout)
         except OSError as exc:
+            # A lookup error's errno is a resolver code, not an errno: never "out of descriptors".
+            if exc.errno in _RESOURCE_ERRNOS and not isinstance(exc, socket.gaierror):
+                # No descriptor left for the upstream socket: the proxy's own shortage,
+                # not the upstream's fault. Count it with the accept failures and stop
+                # taking clients (which would only be closed in turn) for a while.
+                self.stats.incr("accept_errors")
+                self._pause_accepting(exc, "no descriptor for the upstream connection")
+                return None
             timed_out = isinstance(exc, TimeoutError)
             self.stats.incr(
                 "upstream_connect_timeouts" if timed_out else "upstream_connect_failures"
@@ -232,6 +246,9 @@ class ProxyServer(StreamServer):
                     },
                 )
             return None
+        # The back-off restarts only once a client is really served: an accept that
+        # succeeds while the upstream socket cannot be made is no recovery.
+        self._accept_retry = self.accept_retry_min
         return _plain(sock)
 
     def _relay(self, conn: Connection, client: socket.socket, upstream: socket.socket) -> None:
@@ -279,6 +296,9 @@ class ProxyServer(StreamServer):
     # -- timeouts and shutdown ---------------------------------------------------
 
     def start(self) -> None:
+        # The resolver is imported and built on first use; under descriptor
+        # exhaustion that import itself fails (EMFILE opening its source file).
+        gevent.get_hub().resolver  # noqa: B018
         super().start()
         config = self.config
         timeouts = [t for t in (config.idle_timeout, config.fin_timeout, self.park_after) if t > 0]

@@ -24,15 +24,17 @@ import logging
 import os
 import select
 import signal
+import socket
 import sys
 import time
 
 from .config import Config
 from .logs import LOGGER, setup
 from .report import render
-from .runner import raise_fd_limit
+from .runner import load_baseline_blocks, raise_fd_limit
 from .server import format_address, open_listener
-from .stats import Stats, new_block, reset_gauges, snapshot
+from .state import encode, write_atomically
+from .stats import Block, Stats, new_block, persistent_totals, reset_gauges, snapshot
 
 __all__ = ["supervise"]
 
@@ -47,13 +49,17 @@ STOP_GRACE = 5.0
 class _Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.blocks = [new_block(shared=True) for _ in range(config.workers)]
+        self.blocks: list[Block] = [new_block(shared=True) for _ in range(config.workers)]
+        # The state file's totals, summed into every report like a worker's block.
+        self.blocks += load_baseline_blocks(config)
+        self.admin: socket.socket | None = None  # bound here, served by worker 0
+        self.state_due = time.monotonic() + config.state_interval
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started_at: dict[int, float] = {}  # slot -> when its worker started
         self.signals: list[int] = []
         self.stopping = False
         self.started_ns = time.monotonic_ns()
-        for block in self.blocks:
+        for block in self.blocks[: config.workers]:
             Stats(block)  # stamps the start time once; restarted workers keep it
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -80,7 +86,10 @@ class _Supervisor:
         if pid == 0:
             status = 1
             try:
-                status = _worker_main(self.config, listener, self.blocks, slot)
+                admin = self.admin if slot == 0 else None
+                if self.admin is not None and admin is None:
+                    self.admin.close()
+                status = _worker_main(self.config, listener, self.blocks, slot, admin)
             except BaseException:  # noqa: BLE001 - the child must never return into the parent
                 logging.getLogger(LOGGER).exception("worker crashed")
             finally:
@@ -121,6 +130,20 @@ class _Supervisor:
             except ProcessLookupError:
                 pass
 
+    def save_state(self) -> None:
+        """Write the summed totals to --state-file (the parent owns it)."""
+        if self.config.state_file is None:
+            return
+        try:
+            write_atomically(self.config.state_file, encode(persistent_totals(self.blocks)))
+        except OSError as exc:
+            log.warning(
+                "state file not written",
+                extra={
+                    "fields": {"path": self.config.state_file, "error": exc.strerror or str(exc)}
+                },
+            )
+
     def report(self) -> None:
         line = render(snapshot(self.blocks, time.monotonic_ns()))
         try:
@@ -135,6 +158,10 @@ class _Supervisor:
         listener = open_listener(config.listen)
         if listener is None:
             return 1
+        if config.admin is not None:
+            self.admin = open_listener(config.admin)
+            if self.admin is None:
+                return 1
         self._install()
         log.info(
             "listening",
@@ -185,16 +212,27 @@ class _Supervisor:
                         self._stop(signal.SIGTERM)
                 elif sig == signal.SIGCHLD:
                     self._reap(listener)
+            if (
+                config.state_file
+                and config.state_interval
+                and not self.stopping
+                and time.monotonic() >= self.state_due
+            ):
+                self.save_state()
+                self.state_due = time.monotonic() + config.state_interval
             if deadline is not None and time.monotonic() >= deadline and self.pids:
                 log.error("workers did not stop in time, killing them")
                 self._stop(signal.SIGKILL)
                 deadline = time.monotonic() + STOP_GRACE
+        self.save_state()
         self.report()
         log.info("exit")
         return 0
 
 
-def _worker_main(config: Config, listener: object, blocks: list, slot: int) -> int:
+def _worker_main(
+    config: Config, listener: object, blocks: list[Block], slot: int, admin: object
+) -> int:
     """In the child: a full proxy on the shared socket, writing its own block."""
     from .runner import run
 
@@ -209,6 +247,7 @@ def _worker_main(config: Config, listener: object, blocks: list, slot: int) -> i
         stats=Stats(blocks[slot], mark_start=False),
         worker=slot,
         all_blocks=blocks,
+        admin_listener=admin,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -9,7 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Proxy, foo_server, proxy, run_foo_client
+from tests.helpers import (
+    Proxy,
+    admin_address,
+    foo_server,
+    http_request,
+    proxy,
+    run_foo_client,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +101,34 @@ def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(upstream: int) -> N
         time.sleep(0.5)
         assert len(p.stdout_lines) == 1
         assert _workers(p.proc.pid) == workers
+
+
+def test_workers_serve_admin_and_keep_the_state_file(upstream: int, tmp_path) -> None:
+    """1. -workers=2 with --admin and --state-file: /stats (served by worker 0) shows the
+       sums over both workers, equal to the parent's USR1 line.
+    2. SIGTERM: the parent writes the state file with the summed totals.
+    3. A new -workers=2 proxy on the same state file continues from those totals,
+       with rates at zero."""
+    state = tmp_path / "totals.json"
+    args = ("-workers=2", "-admin=localhost:0", f"-state-file={state}", "-log-format=json")
+    with proxy(upstream, *args) as p:
+        admin = admin_address(p)
+        result = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=20")
+        assert result.returncode == 0, result.stdout + result.stderr
+        status, _, body = http_request(admin, "/stats")
+        via_admin = json.loads(body)
+        via_signal = p.report()
+        assert status == 200
+        for key in ("msg_req", "msg_ack", "msg_nak", "msg_total", "connections_total"):
+            assert via_admin[key] == via_signal[key]
+        assert via_signal["msg_req"] == 2000 and via_signal["connections_total"] == 20
+        assert len(_worker_served(p)) == 2
+        assert p.stop() == 0
+    saved = json.loads(state.read_text())["totals"]
+    assert saved["msg_req_client_to_upstream"] == 2000
+    with proxy(upstream, *args) as p:
+        report = p.report()
+        assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (2000, 1760, 240)
+        assert report["request_rate_1s"] == 0.0 and report["request_rate_10s"] == 0.0
+        assert run_foo_client(f"-connect=127.0.0.1:{p.port}").returncode == 0
+        assert p.report()["msg_req"] == 2100

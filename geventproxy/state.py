@@ -1,0 +1,186 @@
+"""The totals across restarts: a small JSON file, written atomically.
+
+At start the saved totals become a baseline block (``stats.new_baseline``)
+that every report sums in; the live block starts from zero as always, so
+rates and uptime describe this process only. While running, the summed
+totals are written every ``--state-interval`` seconds and once more at
+shutdown, after the drain. A file that is missing, unreadable or corrupt is
+logged in one line and ignored: losing history must never stop the proxy.
+Whatever happened after the last write is lost if the process is killed
+(SIGKILL, power loss); a graceful stop loses nothing.
+
+A write is a temporary file in the same directory, fsync, ``os.replace``,
+then an fsync of the directory: a reader (or the next start) sees the old
+file or the new one, never a torn one. The disk I/O runs in gevent's thread
+pool so that a slow disk stalls the writer, not the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from .logs import LOGGER
+from .stats import new_baseline
+
+__all__ = ["FORMAT", "StateWriter", "decode", "encode", "load_baseline", "write_atomically"]
+
+log = logging.getLogger(LOGGER)
+
+FORMAT = "geventproxy-state"
+VERSION = 1
+
+
+def encode(totals: dict[str, Any], now: float | None = None) -> bytes:
+    """The file's content: the totals in an envelope that says what they are."""
+    envelope = {
+        "format": FORMAT,
+        "version": VERSION,
+        "saved_at": round(time.time() if now is None else now, 3),
+        "totals": totals,
+    }
+    return (json.dumps(envelope, separators=(",", ":")) + "\n").encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """The totals from a file's content; ValueError when it is not a state file."""
+    obj = json.loads(data)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError("not a geventproxy state file")
+    if obj.get("version") != VERSION:
+        raise ValueError(f"unknown state file version {obj.get('version')!r}")
+    totals = obj.get("totals")
+    if not isinstance(totals, dict):
+        raise ValueError("no totals in the state file")
+    return totals
+
+
+def load_baseline(path: str) -> memoryview | None:
+    """The saved totals as a baseline block, or None (logged once) if there are none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        log.info("state file not found, totals start from zero", extra={"fields": {"path": path}})
+        return None
+    except OSError as exc:
+        log.warning(
+            "state file unreadable, ignored",
+            extra={"fields": {"path": path, "error": exc.strerror or str(exc)}},
+        )
+        return None
+    try:
+        baseline = new_baseline(decode(data))
+    except (ValueError, UnicodeDecodeError) as exc:
+        log.warning(
+            "state file corrupt, ignored", extra={"fields": {"path": path, "error": str(exc)}}
+        )
+        return None
+    log.info("state file loaded", extra={"fields": {"path": path}})
+    return baseline
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that no reader ever sees a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    # The rename itself is durable only once the directory is synced.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the data is safe anyway
+    finally:
+        os.close(dir_fd)
+
+
+def _write_in_thread(path: str, data: bytes) -> str | None:
+    """``write_atomically`` for the thread pool: the error text, or None.
+
+    Returned, not raised: gevent prints the traceback of any exception that
+    leaves a pool thread, and a full disk deserves one log line, not that.
+    """
+    try:
+        write_atomically(path, data)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+class StateWriter:
+    """Writes ``totals()`` to ``path`` every ``interval`` seconds (0: only at ``stop``)."""
+
+    def __init__(self, path: str, totals: Callable[[], dict[str, Any]], interval: float) -> None:
+        self.path = path
+        self.totals = totals
+        self.interval = interval
+        self.writes = 0
+        self._stop = Event()
+        self._greenlet: gevent.Greenlet | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        if self.interval > 0 and self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.save()
+
+    def save(self, timeout: float | None = None) -> bool:
+        """Write now; a failure is logged (once until the next success) and returned.
+
+        ``timeout`` bounds the wait for the disk (a hung network file system
+        must not hold up an exit); the write itself may still finish later.
+        """
+        data = encode(self.totals())  # taken without yielding
+        pool = gevent.get_hub().threadpool
+        try:
+            error = pool.spawn(_write_in_thread, self.path, data).get(timeout=timeout)
+        except gevent.Timeout:
+            error = "timed out"
+        if error is not None:
+            if not self._failing:
+                log.error(
+                    "cannot write the state file",
+                    extra={"fields": {"path": self.path, "error": error}},
+                )
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("state file written again", extra={"fields": {"path": self.path}})
+        self._failing = False
+        self.writes += 1
+        return True
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the periodic writes, wait for one in progress, then write the final totals."""
+        self._stop.set()
+        if self._greenlet is not None:
+            self._greenlet.join(timeout)
+            self._greenlet.kill(block=False)
+        return self.save(timeout)

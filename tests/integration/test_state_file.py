@@ -1,0 +1,96 @@
+"""--state-file: totals carry on across a restart; a bad file never stops the proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.helpers import foo_server, proxy, run_foo_client, wait_until
+
+RATES = ("request_rate_1s", "request_rate_10s", "response_rate_1s", "response_rate_10s")
+
+
+def _traffic(port: int) -> None:
+    done = run_foo_client(f"-connect=127.0.0.1:{port}")
+    assert (done.stdout, done.returncode) == ("..........OK!\n", 0), done.stderr
+
+
+def _totals(path: Path) -> dict:
+    saved = json.loads(path.read_text())
+    assert saved["format"] == "geventproxy-state" and saved["version"] == 1
+    return saved["totals"]
+
+
+def _state_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "state file" in line]
+
+
+def test_totals_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    flag = f"-state-file={path}"
+    with foo_server() as (_, port):
+        with proxy(port, flag) as first:
+            _traffic(first.port)
+            assert first.stop() == 0
+        totals = _totals(path)
+        assert totals["msg_req_client_to_upstream"] == 100
+        assert totals["msg_ack_upstream_to_client"] == 88
+        assert totals["msg_nak_upstream_to_client"] == 12
+        assert totals["connections_total"] == 1
+        assert "connections_active" not in totals
+        assert os.listdir(tmp_path) == ["state.json"]  # no temporary file left behind
+
+        with proxy(port, flag) as second:
+            second.wait_log("state file loaded")
+            report = second.report()
+            assert (report["msg_total"], report["msg_req"], report["msg_ack"]) == (200, 100, 88)
+            assert report["msg_nak"] == 12
+            assert report["connections_total"] == 1
+            assert report["connections_closed"]["client_closed"] == 1
+            assert report["latency_count"] == 100
+            assert report["connections_active"] == 0
+            assert all(report[rate] == 0.0 for rate in RATES), report
+            assert report["uptime_s"] < 10  # this process's uptime, not the first one's
+            _traffic(second.port)
+            report = second.report()
+            assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (200, 176, 24)
+            assert report["request_rate_10s"] == 10.0  # only this process's 100 REQs
+            assert second.stop() == 0
+        assert _totals(path)["msg_req_client_to_upstream"] == 200
+
+
+def test_written_periodically_while_running(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    with foo_server() as (_, port), proxy(port, f"-state-file={path}", "-state-interval=0.2") as p:
+        _traffic(p.port)
+        wait_until(
+            lambda: path.exists() and _totals(path)["msg_req_client_to_upstream"] == 100,
+            timeout=3,
+        )
+        assert p.proc.poll() is None
+
+
+def test_corrupt_file_is_logged_once_and_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_bytes(b'{"format": "geventproxy-state", "version": 1, "totals": {"msg_req_cl')
+    with foo_server() as (_, port), proxy(port, f"-state-file={path}") as p:
+        _traffic(p.port)
+        report = p.report()
+        assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (100, 88, 12)
+        lines = _state_lines(p.log())
+        assert len(lines) == 1 and "state file corrupt, ignored" in lines[0], lines
+        assert p.stop() == 0
+    assert _totals(path)["msg_req_client_to_upstream"] == 100  # replaced by a good one
+
+
+def test_unwritable_path_is_logged_and_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-dir" / "state.json"
+    with foo_server() as (_, port), proxy(port, f"-state-file={path}") as p:
+        _traffic(p.port)
+        assert p.stop() == 0
+        p.wait_log("cannot write the state file")
+        lines = _state_lines(p.log())
+        assert len(lines) == 2, lines  # "not found" at start, "cannot write" at exit
+        assert "Traceback" not in p.log()
+        assert "msg_total" in json.loads(p.stdout_lines[-1])  # the final report still came
