@@ -1,0 +1,418 @@
+"""Signals and logs: a graceful drain, a forced exit, report bursts, and what is written where.
+
+stdout carries only the JSON reports, one whole object per line; stderr
+carries the logs, as text or one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from geventproxy.testing.protocol import reply_for
+from tests.helpers import (
+    REPO_ROOT,
+    Proxy,
+    connect,
+    foo_server,
+    proxy,
+    proxy_listening,
+    recv_lines,
+    report_when,
+    scripted_upstream,
+    spawn_proxy,
+    start_proxy,
+    stdout_reports,
+    subprocess_env,
+    wait_closed,
+    wait_exit,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def foo_port() -> Iterator[int]:
+    """One reference server shared by the module."""
+    with foo_server() as (_, port):
+        yield port
+
+
+def _round_trip(client: socket.socket, seq: int) -> None:
+    client.sendall(b"REQ %d hello\n" % seq)
+    assert recv_lines(client, 1) == [reply_for("REQ", seq, b"hello")]
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _final(p: Proxy) -> dict:
+    """The last stdout line: the report written at exit."""
+    reports = stdout_reports(p)
+    assert reports, "no final report on stdout"
+    return reports[-1]
+
+
+# --- 11. signals ------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_an_open_conversation_then_exits_zero(foo_port: int) -> None:
+    """SIGTERM: stop accepting at once, let the open conversation finish, exit 0.
+
+    1. Start the proxy with --drain-timeout=5; a client completes a request.
+    2. SIGTERM: within 0.5 s a new connect is refused (the listener is closed).
+    3. The open client goes on: four more requests are answered.
+    4. The client closes: the proxy exits 0 at once (not after the 5 s drain
+       timeout), having written a final JSON report as its last stdout line,
+       with the five REQs and the connection closed by the client.
+    """
+    p = start_proxy(foo_port, "--drain-timeout=5")
+    try:
+        with connect(p.port) as client:
+            _round_trip(client, 1)
+            p.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: _refused(p.port), timeout=0.5)
+            for seq in range(2, 6):
+                _round_trip(client, seq)
+            assert p.proc.poll() is None
+            closed_at = time.monotonic()
+        assert wait_exit(p) == 0
+        assert time.monotonic() - closed_at < 1.0
+        final = _final(p)
+        assert final["msg_req"] == 5 and final["connections_active"] == 0
+        # A probe that got in before the listener closed is a client_closed of its own.
+        assert final["connections_closed"]["client_closed"] >= 1
+        assert final["connections_closed"]["shutdown"] == 0
+        assert "Traceback" not in p.log()
+    finally:
+        p.stop(signal.SIGKILL)
+
+
+def test_drain_timeout_closes_a_lingering_connection(foo_port: int) -> None:
+    """A connection still open at --drain-timeout is closed; the exit is still 0.
+
+    1. Start the proxy with --drain-timeout=1; a client completes a request and stays.
+    2. SIGTERM.
+    3. The client's connection is closed about 1 s later.
+    4. The proxy exits 0; its final report counts the connection as shutdown.
+    """
+    p = start_proxy(foo_port, "--drain-timeout=1")
+    try:
+        with connect(p.port) as client:
+            _round_trip(client, 1)
+            p.proc.send_signal(signal.SIGTERM)
+            waited = wait_closed(client)
+        assert 0.8 <= waited <= 2.0, waited
+        assert wait_exit(p) == 0
+        final = _final(p)
+        assert final["connections_closed"]["shutdown"] == 1
+        assert final["connections_active"] == 0
+        p.wait_log("closed connections at shutdown")
+    finally:
+        p.stop(signal.SIGKILL)
+
+
+def test_second_sigterm_exits_at_once(foo_port: int) -> None:
+    """A second SIGTERM during the drain closes everything and exits at once.
+
+    1. Start the proxy with --drain-timeout=30; a client completes a request and stays.
+    2. SIGTERM, and wait for the "draining" log line.
+    3. SIGTERM again: the proxy exits 0 within a second, with a final report
+       counting the connection as shutdown; the client sees its connection end.
+    """
+    p = start_proxy(foo_port, "--drain-timeout=30")
+    try:
+        with connect(p.port) as client:
+            _round_trip(client, 1)
+            p.proc.send_signal(signal.SIGTERM)
+            p.wait_log("draining")
+            forced_at = time.monotonic()
+            p.proc.send_signal(signal.SIGTERM)
+            assert wait_exit(p) == 0
+            assert time.monotonic() - forced_at < 1.0
+            assert wait_closed(client, timeout=1.0) < 1.0
+        assert _final(p)["connections_closed"]["shutdown"] == 1
+    finally:
+        p.stop(signal.SIGKILL)
+
+
+def test_sigusr1_burst_while_clients_run(foo_port: int) -> None:
+    """200 SIGUSR1 as fast as possible while ten clients run: no death, only whole JSON lines.
+
+    1. Start the proxy; start the reference client with 10 connections.
+    2. Send 200 SIGUSR1 back to back while it runs.
+    3. The reference client prints OK; the proxy is alive and answers one more report.
+    4. SIGTERM: exit 0; every stdout line is one whole JSON report, at least
+       two of them (bursts are coalesced, never interleaved).
+    """
+    p = start_proxy(foo_port)
+    try:
+        client = subprocess.Popen(
+            [sys.executable, "-m", "geventproxy.testing.client", f"-connect=127.0.0.1:{p.port}"]
+            + ["-connections=10"],
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(200):
+            p.proc.send_signal(signal.SIGUSR1)
+        out, _ = client.communicate(timeout=20)
+        assert (out, client.returncode) == ("." * 100 + "OK!\n", 0)
+        assert p.proc.poll() is None
+        assert report_when(p, lambda r: r["msg_req"] == 1000)
+        p.proc.send_signal(signal.SIGTERM)
+        assert wait_exit(p) == 0
+        reports = stdout_reports(p)
+        assert len(reports) >= 2
+        assert reports[-1]["msg_req"] == 1000
+    finally:
+        p.stop(signal.SIGKILL)
+
+
+def _usr1_disposition_set(pid: int) -> bool:
+    """Whether the process ignores or catches SIGUSR1 (its default action is to die)."""
+    bit = 1 << (signal.SIGUSR1 - 1)
+    with open(f"/proc/{pid}/status") as f:
+        masks = dict(line.split(":\t", 1) for line in f if line.startswith(("SigIgn", "SigCgt")))
+    return bool((int(masks["SigIgn"], 16) | int(masks["SigCgt"], 16)) & bit)
+
+
+def _blast_usr1(p: Proxy, until: threading.Event, sent: list[float]) -> None:
+    while not until.is_set() and p.proc.poll() is None:
+        try:
+            p.proc.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        sent.append(time.monotonic())
+        time.sleep(0.0005)
+
+
+def test_sigusr1_during_startup_never_kills(foo_port: int) -> None:
+    """SIGUSR1 from the moment the program runs until it listens never kills it.
+
+    1. Spawn the proxy; poll /proc/PID/status until it has taken SIGUSR1 off
+       its default action (ignored or caught). That must happen long before
+       it listens: at the top of its entry point, before the slow imports.
+    2. From then on send SIGUSR1 every half millisecond until it listens, and
+       for 0.2 s after.
+    3. It is alive, and at least 20 of the signals arrived before it listened.
+    4. A report asked for now is written, and stdout holds only whole JSON lines.
+    """
+    p, ready = spawn_proxy(foo_port)
+    try:
+        wait_until(
+            lambda: p.proc.poll() is not None or _usr1_disposition_set(p.proc.pid),
+            interval=0.0005,
+        )
+        done, sent = threading.Event(), []
+        blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
+        blaster.start()
+        try:
+            proxy_listening(p, ready)
+            listening_at = time.monotonic()
+            time.sleep(0.2)
+        finally:
+            done.set()
+            blaster.join(5)
+        early = sum(1 for at in sent if at < listening_at)
+        assert p.proc.poll() is None, f"killed after {len(sent)} signals:\n{p.log()}"
+        assert early >= 20, early
+        assert p.report()["msg_total"] == 0
+        stdout_reports(p)
+    finally:
+        p.stop()
+
+
+def test_sigusr1_ignored_by_the_launcher_still_reports(foo_port: int) -> None:
+    """Started with SIGUSR1 ignored (as a supervisor can, so no start-up window exists).
+
+    The few milliseconds between exec and the interpreter running the
+    proxy's first line cannot be covered from inside the program; a launcher
+    that ignores SIGUSR1 before exec closes that window, since an ignored
+    disposition survives exec.
+
+    1. Spawn the proxy with SIGUSR1 ignored in the child before exec.
+    2. Send SIGUSR1 every half millisecond from the moment the spawn returns
+       until it listens.
+    3. It is alive, and SIGUSR1 now produces reports: the proxy installed
+       its own handler over the inherited "ignore".
+    """
+
+    def ignore_usr1() -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    p, ready = spawn_proxy(foo_port, preexec_fn=ignore_usr1)
+    try:
+        done, sent = threading.Event(), []
+        blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
+        blaster.start()
+        try:
+            proxy_listening(p, ready)
+        finally:
+            done.set()
+            blaster.join(5)
+        assert p.proc.poll() is None
+        assert len(sent) >= 20
+        assert p.report()["connections_total"] == 0
+    finally:
+        p.stop()
+
+
+def test_sigusr1_during_drain_and_exit_never_kills(foo_port: int) -> None:
+    """SIGUSR1 during the drain and the exit that follows never kills the proxy.
+
+    1. Start the proxy with --drain-timeout=1; a client completes a request and stays.
+    2. SIGTERM, then SIGUSR1 every half millisecond until the process is gone.
+    3. The exit status is 0 (not death by SIGUSR1), and stdout holds only
+       whole JSON reports, the last with the connection counted as shutdown.
+    """
+    p = start_proxy(foo_port, "--drain-timeout=1")
+    try:
+        with connect(p.port) as client:
+            _round_trip(client, 1)
+            done, sent = threading.Event(), []
+            p.proc.send_signal(signal.SIGTERM)
+            blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
+            blaster.start()
+            try:
+                code = wait_exit(p)
+            finally:
+                done.set()
+                blaster.join(5)
+        assert code == 0, f"exit {code} after {len(sent)} SIGUSR1:\n{p.log()}"
+        assert len(sent) > 100
+        reports = stdout_reports(p)
+        assert reports[-1]["connections_closed"]["shutdown"] == 1
+    finally:
+        p.stop(signal.SIGKILL)
+
+
+# --- 12. logging --------------------------------------------------------------------------------
+
+
+def _json_lines(p: Proxy) -> list[dict]:
+    records = []
+    for line in p.stderr_lines:
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        assert {"ts", "level", "msg"} <= record.keys(), line
+        records.append(record)
+    return records
+
+
+def test_json_logs_one_object_per_line(foo_port: int) -> None:
+    """--log-format=json: every stderr line is one JSON object; connections are described.
+
+    1. Start the proxy with --log-format=json in front of a scripted upstream;
+       a client sends a REQ, gets an ACK, half-closes, and the upstream closes.
+    2. Another client connects and resets, so an abnormal close is logged too.
+    3. SIGTERM; the proxy exits 0.
+    4. Every stderr line parses as a JSON object with ts, level and msg.
+    5. The open line carries the peer; each close line carries peer,
+       duration_s, bytes_in, bytes_out and reason (client_closed, client_reset).
+    6. stdout holds only JSON reports, the last one written at exit.
+    """
+    with scripted_upstream() as upstream:
+        p = start_proxy(upstream.port, "--log-format=json")
+        try:
+            with connect(p.port) as client:
+                client.sendall(b"REQ 1 a\n")
+                up = upstream.accept()
+                assert recv_lines(up, 1) == [b"REQ 1 a\n"]
+                up.sendall(b"ACK 1 b\n")
+                assert recv_lines(client, 1) == [b"ACK 1 b\n"]
+                client.shutdown(socket.SHUT_WR)
+                assert up.recv(10) == b""
+                up.close()
+            reset = connect(p.port)
+            reset.sendall(b"REQ 1 a\n")
+            upstream.accept()
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            reset.close()
+            report_when(p, lambda r: r["connections_active"] == 0)
+            p.proc.send_signal(signal.SIGTERM)
+            assert wait_exit(p) == 0
+        finally:
+            p.stop(signal.SIGKILL)
+    records = _json_lines(p)
+    opens = [r for r in records if r["msg"] == "open"]
+    closes = [r for r in records if r["msg"] == "close"]
+    assert len(opens) == 2 and all(r["peer"].startswith("127.0.0.1:") for r in opens)
+    assert len(closes) == 2
+    for record in closes:
+        assert {"peer", "duration_s", "bytes_in", "bytes_out", "reason"} <= record.keys()
+        assert isinstance(record["duration_s"], (int, float))
+    assert [r["reason"] for r in closes] == ["client_closed", "client_reset"]
+    assert (closes[0]["bytes_in"], closes[0]["bytes_out"]) == (8, 8)
+    assert stdout_reports(p)[-1]["connections_closed"]["client_reset"] == 1
+
+
+def test_log_connections_false_drops_open_and_close_lines(foo_port: int) -> None:
+    """--log-connections=false: no open/close lines, the rest of the log stays.
+
+    1. Start the proxy with --log-connections=false; a client completes a request.
+    2. SIGTERM; exit 0.
+    3. The log has the listening, draining and exit lines but no open or close line.
+    """
+    p = start_proxy(foo_port, "--log-connections=false")
+    try:
+        with connect(p.port) as client:
+            _round_trip(client, 1)
+        report_when(p, lambda r: r["connections_active"] == 0)
+        p.proc.send_signal(signal.SIGTERM)
+        assert wait_exit(p) == 0
+    finally:
+        p.stop(signal.SIGKILL)
+    messages = [line.split()[2] for line in p.stderr_lines]
+    assert {"listening", "draining", "exit"} <= set(messages), p.log()
+    assert "open" not in messages and "close" not in messages, p.log()
+
+
+EVIL_LINE = b"REQ 1 \x1b[31mred\x07\x00\xff\xfe" + b"\r" * 3 + b"A" * 300 + b"\n"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_strict_violation_log_escapes_and_truncates_peer_bytes(fmt: str) -> None:
+    """The strict-mode violation line shows the peer's bytes escaped and cut short.
+
+    1. Start the proxy with --strict in front of a scripted upstream.
+    2. A client sends a 300-byte line full of escape sequences, a bell, a
+       NUL, invalid UTF-8 and carriage returns: it is disconnected.
+    3. The "client broke strict mode" log line is a single line of printable
+       ASCII (no raw control byte reaches the log), and shows at most
+       64 bytes of the line, escaped, marked as cut with "...".
+    """
+    with (
+        scripted_upstream() as upstream,
+        proxy(upstream.port, "--strict", f"--log-format={fmt}") as p,
+    ):
+        with connect(p.port) as client:
+            client.sendall(EVIL_LINE)
+            assert wait_closed(client) < 1.0
+        line = p.wait_log("client broke strict mode")
+        report_when(p, lambda r: r["connections_closed"]["strict_violation"] == 1)
+    assert line.endswith("\n") and line.count("\n") == 1
+    text = line[:-1]
+    assert text.isascii() and text.isprintable(), repr(text)
+    if fmt == "json":
+        shown = json.loads(text)["line"]
+    else:
+        shown = text.split(" line=", 1)[1]
+        shown = json.loads(shown) if shown.startswith('"') else shown
+    assert shown.isascii() and shown.isprintable(), repr(shown)
+    assert "\\x1b[31mred\\x07\\x00\\xff\\xfe" in shown
+    assert shown.endswith("...")
+    assert shown.count("A") < 64
