@@ -84,12 +84,22 @@ def open_listener(address: Address) -> socket.socket | None:
         return None
 
 
+#: TCP keepalive on both sockets of a connection: a peer that vanished without
+#: a FIN or RST (a crashed host, a cut cable) is found after about
+#: idle + interval * count seconds, here 60 + 10 * 6 = 2 minutes.
+KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
+
+
 def _plain(sock: Any) -> socket.socket:
     """The same connection as a standard-library socket: its methods are C calls."""
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
     sock.close()  # releases the gevent wrapper's watchers now, not when it is collected
     raw.setblocking(False)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE:
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     return raw
 
 

@@ -9,9 +9,11 @@ Each test runs the real proxy as a subprocess.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -23,6 +25,7 @@ from tests.helpers import (
     Proxy,
     closed_port,
     connect,
+    foo_server,
     pattern,
     pattern_digest,
     proxy,
@@ -539,3 +542,25 @@ def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:
         assert peak - baseline < RSS_GROWTH_LIMIT_KIB
         assert total == PUSH_CHUNKS * 65536
         assert digest == pattern_digest(PUSH_CHUNKS)
+
+
+def test_tcp_keepalive_is_on_for_both_sockets() -> None:
+    """1. A client connects through the proxy and sends one request.
+    2. The kernel shows a keepalive timer on the proxy's client-side socket and on its
+       upstream socket (``ss -o``), so a peer that vanished without a FIN is found."""
+    ss = shutil.which("ss")
+    assert ss, "ss (iproute2) is needed to read the sockets' timers"
+    with foo_server() as (_, upstream), proxy(upstream) as p, connect(p.port) as client:
+        client.sendall(b"REQ 1 x\n")
+        recv_lines(client, 1)
+        # The proxy's side of the client connection (source port: the proxy's) and of
+        # the upstream connection (destination port: the server's).
+        query = f"( sport = :{p.port} or dport = :{upstream} )"
+        mine = subprocess.run(
+            [ss, "-tnoH", "state", "established", query],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        assert len(mine) == 2, mine
+        assert all("keepalive" in line for line in mine), mine
