@@ -180,3 +180,13 @@ def test_ipv6_and_any_address(upstream: int) -> None:
         assert p.report()["msg_req"] == 200
     with proxy(upstream, "-listen=[::1]:0") as p:
         assert run_foo_client(f"-connect=[::1]:{p.port}").returncode == 0
+
+
+def test_two_hundred_clients_at_once(px: Proxy) -> None:
+    """1. 200 connections of the fixed request set at once (hundreds, as the task asks).
+    2. Every reply checks out and the counts are exact."""
+    result = run_foo_client(f"-connect=127.0.0.1:{px.port}", "-connections=200", timeout=120)
+    assert result.returncode == 0, result.stdout[-200:] + result.stderr
+    report = px.report()
+    assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (20000, 17600, 2400)
+    assert report["connections_total"] == 200 and report["connections_active"] == 0
