@@ -83,6 +83,9 @@ class Connection:
     ) -> str:
         """Relay both directions until both have ended; return why the connection ended."""
         self.sockets = (client, upstream)
+        self.seen_at = time.monotonic()  # idle time counts from here, not from the accept
+        if self.reason is not None:  # aborted while dialling (the drain deadline)
+            self.abort(self.reason)
         timer = RequestTimer(stats)
         scanner = StrictFilter(max_line) if strict else LineScanner(max_line)
         up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
@@ -110,9 +113,15 @@ class Connection:
         up.readable.start(wake_up)  # the client side starts when the client first sends
         try:
             relay(hub, down, stats, self.tally, bufsize, self.ended)
+            done.wait()  # after a half-close the client side goes on until it ends too
         finally:
-            # After a half-close the client side goes on until it ends too.
-            done.wait()
+            # Normally both loops are over here. Should this greenlet be killed
+            # instead, stop the client side before its watchers and sockets go.
+            if not done.is_set():
+                self.abort(self.reason or "error")
+                up.readable.stop()
+                if self._up_greenlet is not None:
+                    self._up_greenlet.kill()
             up.close()
             down.close()
         return self.reason or self.first_eof or "error"

@@ -27,7 +27,7 @@ _EMPTY: deque[int] = deque(maxlen=0)
 class RequestTimer:
     """The unanswered REQs of one connection, oldest first."""
 
-    __slots__ = ("stats", "limit", "_queue")
+    __slots__ = ("stats", "limit", "_queue", "_forgotten")
 
     #: Most chunks of unanswered REQs remembered per connection.
     default_limit = 1024
@@ -38,6 +38,7 @@ class RequestTimer:
         # Flat pairs: sent_ns, requests, sent_ns, requests... (no tuple per chunk).
         # Made on first use: an idle connection never pays for one.
         self._queue: deque[int] = _EMPTY
+        self._forgotten = 0  # dropped REQs whose replies are still to come
 
     def __len__(self) -> int:
         return len(self._queue) // 2
@@ -53,11 +54,17 @@ class RequestTimer:
             queue.append(n)
             if len(queue) > 2 * self.limit:
                 queue.popleft()
-                self.stats.incr("latency_dropped", queue.popleft())
+                dropped = queue.popleft()
+                self._forgotten += dropped
+                self.stats.incr("latency_dropped", dropped)
 
     def answered(self, now_ns: int, counts: Counts) -> None:
         """A chunk from the upstream was forwarded, holding ACKs and NAKs."""
         n = counts[1] + counts[2]
+        if self._forgotten:  # the oldest replies answer REQs no longer remembered
+            skip = min(n, self._forgotten)
+            self._forgotten -= skip
+            n -= skip
         queue = self._queue
         while n and queue:
             sent_ns, waiting = queue[0], queue[1]

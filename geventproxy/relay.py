@@ -13,7 +13,9 @@ Per chunk, as measured to matter on a 2-core machine:
   it stop reading and wait for the destination to become writable. It never
   reads again before the chunk is out, so a slow peer stops the reading of
   the other side (backpressure) and at most one chunk per direction is held.
-- The chunk is counted after it is forwarded: counting never delays a byte.
+- The chunk is counted right after its first send: counting never delays a
+  byte that the kernel would take, and the REQs of a chunk are timed before
+  the loop waits to send the rest of it (their replies may come meanwhile).
 """
 
 from __future__ import annotations
@@ -197,26 +199,29 @@ def _copy(
         if not data:
             _half_close(dst)
             return eof
-        # Forward first, at once; wait for writability only if the kernel took less.
+        # Forward first, at once.
         try:
             sent = send(data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             return dst_error if isinstance(exc, _RESETS) else "error"
-        n = len(data)
-        if sent < n:
-            try:
-                _send_rest(hub, readable, writable, send, data, sent)
-            except OSError as exc:
-                return dst_error if isinstance(exc, _RESETS) else "error"
         # Then count: a few additions per chunk, the clock only if messages completed.
+        # (Before finishing a partial send: replies to the part already sent may be
+        # relayed while this loop waits, and must find their REQs timed.)
+        n = len(data)
         moved[direction] += n
         counts = feed(data)
         now = record(direction, n, counts)
         if now:
             on_messages(now, counts)
             messages[direction] += counts[0] + counts[1] + counts[2]
+        # Wait for writability only if the kernel took less than the chunk.
+        if sent < n:
+            try:
+                _send_rest(hub, readable, writable, send, data, sent)
+            except OSError as exc:
+                return dst_error if isinstance(exc, _RESETS) else "error"
 
 
 def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: int) -> str:
@@ -245,14 +250,21 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
         good, counts, violation = check.feed(data)
         if good:
             try:
-                _send_rest(hub, d.readable, d.writable, d.dst.send, good, 0)
+                sent = d.dst.send(good)
+            except BlockingIOError:
+                sent = 0
             except OSError as exc:
                 return dst_error if isinstance(exc, _RESETS) else "error"
             tally.bytes[CLIENT_TO_UPSTREAM] += len(good)
             now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
-            if now:
+            if now:  # counted before the rest is sent, as in _copy
                 d.on_messages(now, counts)
             tally.messages[CLIENT_TO_UPSTREAM] += counts[0]
+            if sent < len(good):
+                try:
+                    _send_rest(hub, d.readable, d.writable, d.dst.send, good, sent)
+                except OSError as exc:
+                    return dst_error if isinstance(exc, _RESETS) else "error"
         if violation is not None:
             stats.record(CLIENT_TO_UPSTREAM, 0, (0, 0, 0, 1))
             tally.violation = violation

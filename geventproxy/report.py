@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import time
 from collections.abc import Callable
 from typing import Any
 
 import gevent
 from gevent.event import Event
 
-__all__ = ["Reporter", "render"]
+__all__ = ["Reporter", "render", "write_line"]
 
 
 def render(report: dict[str, Any]) -> bytes:
@@ -27,6 +29,29 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_line(fd: int, data: bytes, timeout: float) -> bool:
+    """Write ``data`` to ``fd`` unless it stays unwritable for ``timeout`` seconds.
+
+    For the places that cannot use a thread (the last report, the workers'
+    parent): a reader that went away or stopped reading costs at most
+    ``timeout``, then the line is dropped. A line shorter than PIPE_BUF
+    goes into a pipe whole or not at all.
+    """
+    view = memoryview(data)
+    deadline = time.monotonic() + timeout
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([], [fd], [], remaining)[1]:
+            return False
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+        except OSError:
+            return False
+    return True
 
 
 def _write_in_thread(fd: int, data: bytes) -> OSError | None:
@@ -76,11 +101,8 @@ class Reporter:
             gevent.sleep(0)
         self._idle.wait(timeout)
 
-    def final(self) -> None:
-        """Write one last report directly: the loop is about to end."""
-        self.flush()
+    def final(self, timeout: float = 2.0) -> bool:
+        """Write one last report: the loop is about to end. False if stdout would not take it."""
+        self.flush(timeout)
         self._greenlet.kill(block=False)
-        try:
-            _write_all(self.fd, render(self.snapshot()))
-        except OSError:
-            pass
+        return write_line(self.fd, render(self.snapshot()), timeout)

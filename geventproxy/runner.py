@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import signal
 import socket
 import time
 
@@ -92,6 +93,8 @@ def run(
     else:
         blocks = all_blocks or [stats.block]
         signals.install(stop=stop.set, force=force.set, report=None, interrupt=False)
+        # The parent forked this worker with TERM blocked; the handler is in place now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     server.start()
     log.info(
         "listening",
@@ -114,8 +117,8 @@ def run(
     stop.wait()
     _shutdown(server, config, force, log)
     _stop_extras(extras)
-    if reporter is not None:
-        reporter.final()
+    if reporter is not None and not reporter.final():
+        log.warning("final statistics line dropped: stdout is not being read")
     signals.ignore_report_signal()
     log.info("exit")
     return 0

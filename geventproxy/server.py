@@ -36,6 +36,10 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 
 
+# Binding "::" fails with these where the host has IPv6 switched off.
+_NO_IPV6_ERRNOS = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
+
+
 def make_listener(address: Address, backlog: int = 1024) -> socket.socket:
     """Bind and listen. An empty host means every interface, IPv6 and IPv4 together.
 
@@ -67,6 +71,8 @@ def make_listener(address: Address, backlog: int = 1024) -> socket.socket:
             return sock
         except OSError as exc:
             sock.close()
+            if exc.errno not in _NO_IPV6_ERRNOS:
+                raise  # a port in use stays an error: never fall back to IPv4 alone
             error = exc
     assert error is not None
     raise error
@@ -90,17 +96,38 @@ def open_listener(address: Address) -> socket.socket | None:
 KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 
 
-def _plain(sock: Any) -> socket.socket:
+def _plain(sock: Any, send_buffer: int | None = None) -> socket.socket:
     """The same connection as a standard-library socket: its methods are C calls."""
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
     sock.close()  # releases the gevent wrapper's watchers now, not when it is collected
     raw.setblocking(False)
+    if send_buffer:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in KEEPALIVE:
         if hasattr(socket, name):  # Linux names; other systems keep their defaults
             raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     return raw
+
+
+def _connect(address: Address, timeout: float | None) -> Any:
+    """Dial ``address``, each resolved address in turn, all within one ``timeout``.
+
+    create_connection's own timeout covers each connect() alone; this
+    deadline also covers the name lookup (a DNS server that never answers)
+    and the sum over several addresses.
+    """
+    deadline = gevent.Timeout(timeout)
+    deadline.start()
+    try:
+        return gevent.socket.create_connection((address.host, address.port), timeout=timeout)
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        raise TimeoutError("timed out") from None
+    finally:
+        deadline.close()
 
 
 def format_address(address: Any) -> str:
@@ -116,6 +143,8 @@ class ProxyServer(StreamServer):
 
     #: Bytes read from a socket at once: the most a relay holds per direction.
     buffer_size = 65536
+    #: SO_SNDBUF for both sockets of a connection; None leaves the kernel's autotuning.
+    send_buffer: int | None = None
     #: Seconds without traffic after which a connection's client side gives its greenlet back.
     park_after = 2.0
     #: How often idle connections are looked at (timeouts are checked at least this often).
@@ -206,7 +235,7 @@ class ProxyServer(StreamServer):
         self.connections.add(conn)
         stats.incr("connections_total")
         stats.incr("connections_active")
-        client_sock = _plain(client)
+        client_sock = _plain(client, self.send_buffer)
         upstream = None
         try:
             upstream = self._dial(conn)
@@ -223,11 +252,7 @@ class ProxyServer(StreamServer):
         target = self.config.forward
         timeout = self.config.connect_timeout or None
         try:
-            # One deadline for the name lookup and the connect: create_connection's own
-            # timeout covers connect() only, and a DNS server that never answers must
-            # not hold the client past --connect-timeout either.
-            with gevent.Timeout(timeout, TimeoutError("timed out")):
-                sock = gevent.socket.create_connection((target.host, target.port), timeout=timeout)
+            sock = _connect(target, timeout)
         except OSError as exc:
             # A lookup error's errno is a resolver code, not an errno: never "out of descriptors".
             if exc.errno in _RESOURCE_ERRNOS and not isinstance(exc, socket.gaierror):
@@ -259,7 +284,7 @@ class ProxyServer(StreamServer):
         # The back-off restarts only once a client is really served: an accept that
         # succeeds while the upstream socket cannot be made is no recovery.
         self._accept_retry = self.accept_retry_min
-        return _plain(sock)
+        return _plain(sock, self.send_buffer)
 
     def _relay(self, conn: Connection, client: socket.socket, upstream: socket.socket) -> None:
         config, stats, hub = self.config, self.stats, gevent.get_hub()
@@ -325,6 +350,8 @@ class ProxyServer(StreamServer):
         """Close connections past their idle or half-closed deadline; park idle ones."""
         idle_timeout, fin_timeout = self.config.idle_timeout, self.config.fin_timeout
         for conn in list(self.connections):
+            if not conn.sockets:
+                continue  # still dialling: --connect-timeout is in charge
             moved = conn.tally.bytes[0] + conn.tally.bytes[1]
             if moved != conn.seen:
                 conn.seen, conn.seen_at = moved, now

@@ -30,7 +30,7 @@ import time
 
 from .config import Config
 from .logs import LOGGER, setup
-from .report import render
+from .report import render, write_line
 from .runner import load_baseline_blocks, raise_fd_limit
 from .server import format_address, open_listener
 from .state import encode, write_atomically
@@ -44,6 +44,22 @@ log = logging.getLogger(LOGGER)
 RESPAWN_DELAY = 1.0
 #: Beyond --drain-timeout, how long the parent waits for workers before SIGKILL.
 STOP_GRACE = 5.0
+#: How long the parent waits for stdout to take a statistics line before dropping it.
+REPORT_TIMEOUT = 1.0
+
+
+_COUNTED = (signal.SIGTERM, signal.SIGINT)
+
+
+def _coalesce(signals: list[int]) -> list[int]:
+    """Keep every TERM/INT, and the first of each other signal, in order."""
+    seen: set[int] = set()
+    kept = []
+    for sig in signals:
+        if sig in _COUNTED or sig not in seen:
+            kept.append(sig)
+            seen.add(sig)
+    return kept
 
 
 class _Supervisor:
@@ -56,6 +72,7 @@ class _Supervisor:
         self.state_due = time.monotonic() + config.state_interval
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started_at: dict[int, float] = {}  # slot -> when its worker started
+        self.respawn_at: dict[int, float] = {}  # slot -> when to start its next worker
         self.signals: list[int] = []
         self.stopping = False
         self.started_ns = time.monotonic_ns()
@@ -82,10 +99,17 @@ class _Supervisor:
 
     def _spawn(self, slot: int, listener: object) -> None:
         reset_gauges(self.blocks[slot])  # the previous worker's connections are gone
+        # TERM stays blocked in the child until its own handler is in place (runner.run
+        # unblocks it): a TERM sent meanwhile waits instead of being lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
-        if pid == 0:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:
             status = 1
             try:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
                 admin = self.admin if slot == 0 else None
                 if self.admin is not None and admin is None:
                     self.admin.close()
@@ -119,9 +143,16 @@ class _Supervisor:
                 "worker died, restarting",
                 extra={"fields": {"worker": slot, "pid": pid, "status": code}},
             )
-            if time.monotonic() - self.started_at.get(slot, 0.0) < RESPAWN_DELAY:
-                time.sleep(RESPAWN_DELAY)  # do not spin on a worker that dies at start
-            self._spawn(slot, listener)
+            # A worker that dies at start is restarted after a pause, not in a loop;
+            # the main loop starts it when due and keeps answering signals meanwhile.
+            self.respawn_at[slot] = self.started_at.get(slot, 0.0) + RESPAWN_DELAY
+
+    def _respawn_due(self, listener: object) -> None:
+        now = time.monotonic()
+        for slot, due in list(self.respawn_at.items()):
+            if due <= now:
+                del self.respawn_at[slot]
+                self._spawn(slot, listener)
 
     def _stop(self, sig: int) -> None:
         for pid in list(self.pids):
@@ -146,10 +177,9 @@ class _Supervisor:
 
     def report(self) -> None:
         line = render(snapshot(self.blocks, time.monotonic_ns()))
-        try:
-            os.write(sys.stdout.fileno(), line)
-        except OSError:
-            pass
+        # Never block the parent on a stdout nobody reads: it must keep answering TERM.
+        if not write_line(sys.stdout.fileno(), line, REPORT_TIMEOUT):
+            log.warning("statistics line dropped: stdout is not being read")
 
     # -- the main loop ---------------------------------------------------------
 
@@ -176,8 +206,13 @@ class _Supervisor:
         for slot in range(config.workers):
             self._spawn(slot, listener)
         deadline = None
-        while self.pids:
-            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+        while self.pids or self.respawn_at:
+            wake = [1.0]
+            if deadline is not None:
+                wake.append(deadline - time.monotonic())
+            if self.respawn_at:
+                wake.append(min(self.respawn_at.values()) - time.monotonic())
+            timeout = max(0.0, min(wake))
             try:
                 select.select([self._wake_r], [], [], timeout)
             except OSError as exc:
@@ -188,13 +223,16 @@ class _Supervisor:
                     pass
             except BlockingIOError:
                 pass
-            while self.signals:
-                sig = self.signals.pop(0)
+            # Several USR1 (or CHLD) since the last turn make one report (one reap),
+            # as the kernel coalesces them anyway; each TERM/INT counts.
+            pending, self.signals = self.signals, []  # a swap: the handler loses nothing
+            for sig in _coalesce(pending):
                 if sig == signal.SIGUSR1:
                     self.report()
                 elif sig in (signal.SIGTERM, signal.SIGINT):
                     if not self.stopping:
                         self.stopping = True
+                        self.respawn_at.clear()
                         listener.close()  # the workers hold their own copies
                         deadline = time.monotonic() + config.drain_timeout + STOP_GRACE
                         log.info(
@@ -212,6 +250,8 @@ class _Supervisor:
                         self._stop(signal.SIGTERM)
                 elif sig == signal.SIGCHLD:
                     self._reap(listener)
+            if not self.stopping:
+                self._respawn_due(listener)
             if (
                 config.state_file
                 and config.state_interval

@@ -7,6 +7,7 @@ carries the logs, as text or one JSON object per line.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     REPO_ROOT,
+    STARTUP_TIMEOUT,
     Proxy,
     connect,
     foo_server,
@@ -27,6 +29,7 @@ from tests.helpers import (
     proxy_listening,
     recv_lines,
     report_when,
+    run_foo_client,
     scripted_upstream,
     spawn_proxy,
     start_proxy,
@@ -416,3 +419,50 @@ def test_strict_violation_log_escapes_and_truncates_peer_bytes(fmt: str) -> None
     assert "\\x1b[31mred\\x07\\x00\\xff\\xfe" in shown
     assert shown.endswith("...")
     assert shown.count("A") < 64
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_stdout_nobody_reads_never_blocks_shutdown(foo_port: int, tmp_path, workers: str) -> None:
+    """1. The proxy's stdout is a pipe that nobody reads; its log goes to a file.
+    2. 100 SIGUSR1: the reports fill the pipe (64 KiB) and the rest cannot be written.
+    3. A reference client is still served.
+    4. SIGTERM: the proxy still drains and exits 0 within a few seconds, dropping the
+       lines stdout will not take (and saying so in the log)."""
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "geventproxy",
+                "-listen=127.0.0.1:0",
+                f"-forward=127.0.0.1:{foo_port}",
+                f"-workers={workers}",
+                "-drain-timeout=1",
+            ],
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while "listening" not in log_path.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        port = int(re.search(r"listening address=\S*:(\d+)", log_path.read_text()).group(1))
+        for _ in range(100):
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.01)
+        result = run_foo_client(f"-connect=127.0.0.1:{port}")
+        assert result.returncode == 0, result.stdout + result.stderr
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, log_path.read_text()
+        assert "dropped" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

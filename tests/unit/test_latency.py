@@ -49,3 +49,19 @@ def test_memory_is_bounded_when_the_server_never_answers() -> None:
         timer.sent(i, (2, 0, 0, 0))
     assert len(timer) == 100
     assert snapshot([stats.block], 10_000)["latency_dropped"] == 2 * (10_000 - 100)
+
+
+def test_replies_to_dropped_requests_are_skipped_not_mismatched() -> None:
+    """1. limit=2 and three chunks of one REQ at 0, 1 and 2 ms: the first is dropped.
+    2. Three replies at 10, 11, 12 ms: the first answers the dropped REQ and is not
+       timed; the other two are timed against their own REQs: 10 ms each."""
+    stats = _stats()
+    timer = RequestTimer(stats, limit=2)
+    for t in (0, 1, 2):
+        timer.sent(t * MS, (1, 0, 0, 0))
+    for t in (10, 11, 12):
+        timer.answered(t * MS, (0, 1, 0, 0))
+    report = snapshot([stats.block], 12 * MS)
+    assert report["latency_dropped"] == 1 and report["latency_unmatched"] == 0
+    counts, total_us = latency_histogram([stats.block])
+    assert sum(counts) == 2 and total_us == 2 * 10_000
