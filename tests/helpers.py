@@ -16,34 +16,25 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from geventproxy.testing import launch
 
+REPO_ROOT = launch.ROOT
 #: Seconds to wait for a subprocess to bind its socket and say so.
-STARTUP_TIMEOUT = 15.0
+STARTUP_TIMEOUT = launch.STARTUP_TIMEOUT
+
+#: The real proxy as a subprocess: ``port``, ``stderr_lines``, ``stdout_lines``,
+#: ``report()`` (SIGUSR1, then the JSON object), ``wait_log(text)``, ``stop()``.
+Proxy = launch.Launched
 
 
 def subprocess_env() -> dict[str, str]:
     """Environment that lets ``python -m geventproxy...`` import the checkout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _drain(stream: IO[str], lines: list[str], ready: queue.Queue[str]) -> None:
-    """Keep reading stderr so a chatty child never blocks on a full pipe."""
-    for line in stream:
-        lines.append(line)
-        if line.startswith("listening on "):
-            ready.put(line)
-    ready.put("")  # EOF: the child exited (possibly before binding)
+    return launch.child_env()
 
 
 def start_foo_server(*extra_args: str) -> tuple[subprocess.Popen[str], int]:
@@ -53,35 +44,9 @@ def start_foo_server(*extra_args: str) -> tuple[subprocess.Popen[str], int]:
     overrides the default). The process's stderr lines collect in
     ``proc.stderr_lines``. Stop it with :func:`stop_process`.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "geventproxy.testing.server",
-        "-listen=127.0.0.1:0",
-        *extra_args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    ready: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_drain, args=(proc.stderr, lines, ready), daemon=True).start()
-    proc.stderr_lines = lines  # type: ignore[attr-defined]
-    try:
-        line = ready.get(timeout=STARTUP_TIMEOUT)
-    except queue.Empty:
-        line = ""
-    if not line:
-        stop_process(proc)
-        raise RuntimeError(f"server did not start: {cmd}\n{''.join(lines)}")
-    port = int(line.strip().rpartition(":")[2])
-    return proc, port
+    server = launch.start_foo_server(*extra_args)
+    server.proc.stderr_lines = server.stderr_lines  # type: ignore[attr-defined]
+    return server.proc, server.port
 
 
 def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
@@ -108,67 +73,7 @@ def foo_server(*extra_args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
 
 def run_foo_client(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
     """Run the reference client CLI to completion; stdout/stderr are captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "geventproxy.testing.client", *args],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-class Proxy:
-    """The real proxy as a subprocess: its port, its logs, and its JSON reports."""
-
-    def __init__(self, proc: subprocess.Popen[str], port: int, stderr_lines: list[str]) -> None:
-        self.proc = proc
-        self.port = port
-        self.stderr_lines = stderr_lines
-        self.reports: queue.Queue[dict] = queue.Queue()
-        self.stdout_lines: list[str] = []
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.stdout_lines.append(line)
-            try:
-                self.reports.put(json.loads(line))
-            except ValueError:
-                self.reports.put({"unparsable": line})
-
-    def report(self, timeout: float = 5.0) -> dict:
-        """Send SIGUSR1 and return the JSON object it prints."""
-        while not self.reports.empty():
-            self.reports.get_nowait()
-        self.proc.send_signal(signal.SIGUSR1)
-        return self.reports.get(timeout=timeout)
-
-    def log(self) -> str:
-        return "".join(self.stderr_lines)
-
-    def wait_log(self, text: str, timeout: float = 5.0) -> str:
-        """Wait until a stderr line contains ``text``; return that line."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.stderr_lines):
-                if text in line:
-                    return line
-            time.sleep(0.02)
-        raise AssertionError(f"no log line with {text!r}:\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        return stop_process(self.proc, sig)
-
-
-def _drain_proxy(stream: IO[str], lines: list[str], ready: queue.Queue[str]) -> None:
-    for line in stream:
-        lines.append(line)
-        if " listening " in line or line.startswith("{") and '"listening"' in line:
-            ready.put(line)
-    ready.put("")
+    return launch.run_foo_client(*args, timeout=timeout)
 
 
 def start_proxy(
@@ -180,37 +85,7 @@ def start_proxy(
 ) -> Proxy:
     """Start ``python -m geventproxy`` on 127.0.0.1, a free port, in front of ``forward_port``."""
     target = forward or f"127.0.0.1:{forward_port}"
-    cmd = [
-        *(preexec or []),
-        sys.executable,
-        "-m",
-        "geventproxy",
-        "-listen=127.0.0.1:0",
-        f"-forward={target}",
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO_ROOT,
-        env={**subprocess_env(), **(env or {})},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    ready: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_drain_proxy, args=(proc.stderr, lines, ready), daemon=True).start()
-    try:
-        line = ready.get(timeout=STARTUP_TIMEOUT)
-    except queue.Empty:
-        line = ""
-    if not line:
-        stop_process(proc)
-        raise RuntimeError(f"proxy did not start: {cmd}\n{''.join(lines)}")
-    match = re.search(r"address=\S*:(\d+)", line) or re.search(r'"address": "\S*:(\d+)"', line)
-    assert match, line
-    return Proxy(proc, int(match.group(1)), lines)
+    return launch.start_proxy(target, *args, env=env, prefix=preexec)
 
 
 @contextlib.contextmanager
@@ -437,47 +312,15 @@ def http_request(
 
 def spawn_proxy(
     forward_port: int, *args: str, preexec_fn: Callable[[], Any] | None = None
-) -> tuple[Proxy, queue.Queue[str]]:
-    """Start the proxy and return at once, before it listens (``port`` is 0 until then).
-
-    The queue gets the "listening" log line (or "" if the process exits first);
-    pass both to :func:`proxy_listening`.
-    """
-    cmd = [
-        sys.executable,
-        "-m",
-        "geventproxy",
-        "-listen=127.0.0.1:0",
-        f"-forward=127.0.0.1:{forward_port}",
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=preexec_fn,
-    )
-    lines: list[str] = []
-    ready: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_drain_proxy, args=(proc.stderr, lines, ready), daemon=True).start()
-    return Proxy(proc, 0, lines), ready
+) -> Proxy:
+    """Start the proxy and return at once, before it listens (``port`` is 0 until then);
+    :func:`proxy_listening` waits for it."""
+    return launch.start_proxy(f"127.0.0.1:{forward_port}", *args, preexec_fn=preexec_fn, wait=False)
 
 
-def proxy_listening(p: Proxy, ready: queue.Queue[str], timeout: float = STARTUP_TIMEOUT) -> Proxy:
+def proxy_listening(p: Proxy, timeout: float = STARTUP_TIMEOUT) -> Proxy:
     """Wait for a :func:`spawn_proxy` proxy to listen; fill in its port."""
-    try:
-        line = ready.get(timeout=timeout)
-    except queue.Empty:
-        line = ""
-    if not line:
-        raise AssertionError(f"proxy did not start (exit {p.proc.poll()}):\n{p.log()}")
-    match = re.search(r"address=\S*:(\d+)", line) or re.search(r'"address": "\S*:(\d+)"', line)
-    assert match, line
-    p.port = int(match.group(1))
+    p.wait_ready(timeout)
     return p
 
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["Launched", "start_foo_server", "start_proxy", "run_foo_client", "child_env"]
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Seconds a child may take to bind and say so.
 STARTUP_TIMEOUT = 15.0
 _SERVER_READY = re.compile(r"^listening on \S*:(\d+)")
-_PROXY_READY = re.compile(r"\blistening\b.*?address[=\"': ]+\S*?:(\d+)")
+_PROXY_READY = re.compile(r"\blistening\b.*?address[=\"': ]+\S*:(\d+)")
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -121,6 +121,8 @@ def _spawn(
     env: dict[str, str] | None,
     stdout: bool,
     prefix: list[str] | None = None,
+    preexec_fn: Callable[[], Any] | None = None,
+    wait: bool = True,
 ) -> Launched:
     proc = subprocess.Popen(
         [*(prefix or []), sys.executable, *argv],
@@ -129,9 +131,11 @@ def _spawn(
         stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
     launched = Launched(proc, ready)
-    launched.wait_ready()
+    if wait:
+        launched.wait_ready()
     return launched
 
 
@@ -149,10 +153,15 @@ def start_proxy(
     listen: str = "127.0.0.1:0",
     env: dict[str, str] | None = None,
     prefix: list[str] | None = None,
+    preexec_fn: Callable[[], Any] | None = None,
+    wait: bool = True,
 ) -> Launched:
-    """The proxy on ``listen`` in front of ``forward``; its stdout reports are collected."""
+    """The proxy on ``listen`` in front of ``forward``; its stdout reports are collected.
+
+    ``wait=False`` returns at once, before it listens; ``wait_ready`` then waits.
+    """
     argv = ["-m", "geventproxy", f"-listen={listen}", f"-forward={forward}", *args]
-    return _spawn(argv, _PROXY_READY, env, stdout=True, prefix=prefix)
+    return _spawn(argv, _PROXY_READY, env, True, prefix, preexec_fn, wait)
 
 
 def run_foo_client(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

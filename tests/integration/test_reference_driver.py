@@ -16,9 +16,15 @@ from geventproxy.testing.protocol import (
     decode_line,
     reply_for,
 )
-from tests.helpers import foo_server, run_foo_client, start_foo_server, stop_process
-
-IO_TIMEOUT = 5.0
+from tests.helpers import (
+    IO_TIMEOUT,
+    connect,
+    foo_server,
+    recv_lines,
+    run_foo_client,
+    start_foo_server,
+    stop_process,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +32,6 @@ def server_port() -> Iterator[int]:
     """One slow-mode reference server shared by the module (startup costs ~0.3 s)."""
     with foo_server() as (_, port):
         yield port
-
-
-def _connect(port: int, host: str = "127.0.0.1") -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _read_lines(sock: socket.socket, count: int) -> list[bytes]:
-    """Read exactly ``count`` lines, however the server split them into segments."""
-    buf = b""
-    while buf.count(b"\n") < count:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {buf!r}"
-        buf += chunk
-    lines = buf.splitlines(keepends=True)
-    assert len(lines) == count, lines
-    return lines
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -97,7 +85,7 @@ def test_dual_stack_listen_accepts_ipv4_and_ipv6() -> None:
         assert (proc.stdout, proc.returncode) == (".OK!\n", 0), proc.stderr
         if socket.has_ipv6:
             try:
-                _connect(port, "::1").close()
+                connect(port, "::1").close()
             except OSError:
                 return  # no IPv6 loopback in this sandbox
             proc = run_foo_client(f"-connect=[::1]:{port}", "-requests=10")
@@ -107,7 +95,7 @@ def test_dual_stack_listen_accepts_ipv4_and_ipv6() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_server_exits_zero_on_signal(sig: int) -> None:
     proc, port = start_foo_server()
-    with _connect(port):  # an open connection must not keep it alive
+    with connect(port):  # an open connection must not keep it alive
         assert stop_process(proc, sig) == 0
     assert any("listening on 127.0.0.1:" in line for line in proc.stderr_lines)
 
@@ -116,18 +104,18 @@ def test_server_exits_zero_on_signal(sig: int) -> None:
 
 
 def test_garbage_gets_errdecode_and_connection_stays_open(server_port: int) -> None:
-    with _connect(server_port) as sock:
+    with connect(server_port) as sock:
         sock.sendall(b"garbage\n")
-        assert _read_lines(sock, 1) == [ERRDECODE_REPLY]
+        assert recv_lines(sock, 1) == [ERRDECODE_REPLY]
         sock.sendall(b"REQ 1 Hey\n")
-        assert _read_lines(sock, 1) == [reply_for("REQ", 1, b"Hey")]
+        assert recv_lines(sock, 1) == [reply_for("REQ", 1, b"Hey")]
 
 
 def test_pipelined_lines_answered_in_order(server_port: int) -> None:
     lines = [b"REQ 3 Hey\n", b"REQ 4 Hey\r\n", b"ACK 9 x\n", b"REQ 1 two words\n", b"REQ +5\n"]
-    with _connect(server_port) as sock:
+    with connect(server_port) as sock:
         sock.sendall(b"".join(lines))
-        replies = _read_lines(sock, len(lines))
+        replies = recv_lines(sock, len(lines))
     assert replies == [
         reply_for("REQ", 3, b"Hey"),
         reply_for("REQ", 4, b"Hey"),
@@ -138,21 +126,21 @@ def test_pipelined_lines_answered_in_order(server_port: int) -> None:
 
 
 def test_request_split_across_writes(server_port: int) -> None:
-    with _connect(server_port) as sock:
+    with connect(server_port) as sock:
         for byte in b"REQ 7 split\n":
             sock.sendall(bytes([byte]))
             time.sleep(0.002)
-        assert _read_lines(sock, 1) == [reply_for("REQ", 7, b"split")]
+        assert recv_lines(sock, 1) == [reply_for("REQ", 7, b"split")]
 
 
 def test_server_writes_reply_in_pieces(server_port: int) -> None:
     """With Nagle off, the three writes of a reply usually reach us as separate reads."""
-    with _connect(server_port) as sock:
+    with connect(server_port) as sock:
         for _ in range(50):
             sock.sendall(b"REQ 1 x\n")
             first = sock.recv(65536)
             if not first.endswith(b"\n"):
-                rest = _read_lines(sock, 1)[0]
+                rest = recv_lines(sock, 1)[0]
                 assert first + rest == reply_for("REQ", 1, b"x")
                 return
             assert first == reply_for("REQ", 1, b"x")
@@ -161,17 +149,17 @@ def test_server_writes_reply_in_pieces(server_port: int) -> None:
 
 def test_longest_line_is_answered(server_port: int) -> None:
     data = b"a" * (MAX_LINE - len(b"REQ 1 \n"))
-    with _connect(server_port) as sock:
+    with connect(server_port) as sock:
         sock.sendall(b"REQ 1 " + data + b"\n")
-        assert _read_lines(sock, 1) == [reply_for("REQ", 1, data)]
+        assert recv_lines(sock, 1) == [reply_for("REQ", 1, data)]
 
 
 @pytest.mark.parametrize("terminated", [True, False])
 def test_over_64k_line_closes_connection(server_port: int, terminated: bool) -> None:
     data = b"a" * (MAX_LINE - len(b"REQ 1 \n") + 1)
-    with _connect(server_port) as sock:
+    with connect(server_port) as sock:
         sock.sendall(b"REQ 2 ok\n")
-        assert _read_lines(sock, 1) == [reply_for("REQ", 2, b"ok")]
+        assert recv_lines(sock, 1) == [reply_for("REQ", 2, b"ok")]
         sock.sendall(b"REQ 1 " + data + (b"\n" if terminated else b""))
         assert _closed_by_peer(sock)
 

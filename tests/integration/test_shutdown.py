@@ -214,7 +214,7 @@ def test_sigusr1_during_startup_never_kills(foo_port: int) -> None:
     3. It is alive, and at least 20 of the signals arrived before it listened.
     4. A report asked for now is written, and stdout holds only whole JSON lines.
     """
-    p, ready = spawn_proxy(foo_port)
+    p = spawn_proxy(foo_port)
     try:
         wait_until(
             lambda: p.proc.poll() is not None or _usr1_disposition_set(p.proc.pid),
@@ -224,7 +224,7 @@ def test_sigusr1_during_startup_never_kills(foo_port: int) -> None:
         blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
         blaster.start()
         try:
-            proxy_listening(p, ready)
+            proxy_listening(p)
             listening_at = time.monotonic()
             time.sleep(0.2)
         finally:
@@ -257,13 +257,13 @@ def test_sigusr1_ignored_by_the_launcher_still_reports(foo_port: int) -> None:
     def ignore_usr1() -> None:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
-    p, ready = spawn_proxy(foo_port, preexec_fn=ignore_usr1)
+    p = spawn_proxy(foo_port, preexec_fn=ignore_usr1)
     try:
         done, sent = threading.Event(), []
         blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
         blaster.start()
         try:
-            proxy_listening(p, ready)
+            proxy_listening(p)
         finally:
             done.set()
             blaster.join(5)
