@@ -242,6 +242,8 @@ class ProxyServer(StreamServer):
             if upstream is not None:
                 self._relay(conn, client_sock, upstream)
         finally:
+            # Every connection counted in connections_total gets exactly one reason.
+            stats.closed(conn.reason or "error")
             if upstream is not None:
                 upstream.close()
             client_sock.close()
@@ -261,11 +263,13 @@ class ProxyServer(StreamServer):
                 # taking clients (which would only be closed in turn) for a while.
                 self.stats.incr("accept_errors")
                 self._pause_accepting(exc, "no descriptor for the upstream connection")
+                conn.reason = "error"
                 return None
             timed_out = isinstance(exc, TimeoutError)
             self.stats.incr(
                 "upstream_connect_timeouts" if timed_out else "upstream_connect_failures"
             )
+            conn.reason = "upstream_unavailable"
             suppressed = self._upstream_log.allow()
             if suppressed is not None:
                 log.warning(
@@ -298,7 +302,7 @@ class ProxyServer(StreamServer):
         reason = conn.run(
             hub, client, upstream, stats, config.max_line, self.buffer_size, config.strict
         )
-        stats.closed(reason)
+        conn.reason = reason  # counted by handle(), once the sockets are closed
         if reason == "strict_violation":
             log.warning(
                 "client broke strict mode",

@@ -57,7 +57,8 @@ CLOSE_REASONS = (
     "idle_timeout",
     "strict_violation",
     "shutdown",  # closed by the drain deadline or a forced exit
-    "error",  # any other socket error
+    "upstream_unavailable",  # the upstream could not be dialled (failure or timeout)
+    "error",  # any other socket error, or no descriptor left for the upstream
 )
 
 # Plain counters and gauges, one slot each, in report order.

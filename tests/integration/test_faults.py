@@ -184,6 +184,8 @@ def test_unreachable_upstream_closes_client_promptly(target: str) -> None:
         assert report["upstream_connect_failures"] == 3
         assert report["upstream_connect_timeouts"] == 0
         assert report["connections_total"] == 3
+        assert report["connections_closed"]["upstream_unavailable"] == 3
+        assert sum(report["connections_closed"].values()) == 3
         assert p.proc.poll() is None
         failures = [line for line in p.stderr_lines if "upstream connect failed" in line]
         assert len(failures) == 1, p.log()
@@ -236,6 +238,7 @@ def test_black_holed_upstream_times_out() -> None:
             report = _idle(p)
             assert report["upstream_connect_timeouts"] == 1
             assert report["upstream_connect_failures"] == 0
+            assert report["connections_closed"]["upstream_unavailable"] == 1
             p.wait_log("upstream connect timed out")
             _no_traceback(p)
     finally:

@@ -68,6 +68,7 @@ def test_fifty_clients_at_once_and_exact_counts(px: Proxy) -> None:
     assert report["connections_total"] == 50
     assert report["connections_active"] == 0
     assert report["connections_closed"]["client_closed"] == 50
+    assert sum(report["connections_closed"].values()) == 50
     assert report["latency_count"] == 5000
     assert report["latency_unmatched"] == 0
 
