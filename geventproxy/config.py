@@ -313,10 +313,6 @@ def _parser() -> _Parser:
     return parser
 
 
-def help_text() -> str:
-    return _parser().format_help()
-
-
 def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Config:
     """Build the Config from the environment, then the command line."""
     values: dict[str, Any] = {}

@@ -70,7 +70,6 @@ class Reporter:
     def __init__(self, snapshot: Callable[[], dict[str, Any]], fd: int = 1) -> None:
         self.snapshot = snapshot
         self.fd = fd
-        self.written = 0
         self._wanted = Event()
         self._idle = Event()
         self._idle.set()
@@ -88,9 +87,8 @@ class Reporter:
             self._idle.clear()
             try:
                 line = render(self.snapshot())  # taken without yielding
-                if threadpool.apply(_write_in_thread, (self.fd, line)) is None:
-                    self.written += 1
-                # else stdout is closed: nothing to report to, keep serving
+                # An error (stdout closed) is returned, not raised: keep serving.
+                threadpool.apply(_write_in_thread, (self.fd, line))
             finally:
                 self._idle.set()
 

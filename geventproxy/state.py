@@ -138,7 +138,6 @@ class StateWriter:
         self.path = path
         self.totals = totals
         self.interval = interval
-        self.writes = 0
         self._stop = Event()
         self._greenlet: gevent.Greenlet | None = None
         self._failing = False
@@ -174,7 +173,6 @@ class StateWriter:
         if self._failing:
             log.info("state file written again", extra={"fields": {"path": self.path}})
         self._failing = False
-        self.writes += 1
         return True
 
     def stop(self, timeout: float = 5.0) -> bool:

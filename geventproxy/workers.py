@@ -75,7 +75,6 @@ class _Supervisor:
         self.respawn_at: dict[int, float] = {}  # slot -> when to start its next worker
         self.signals: list[int] = []
         self.stopping = False
-        self.started_ns = time.monotonic_ns()
         for block in self.blocks[: config.workers]:
             Stats(block)  # stamps the start time once; restarted workers keep it
         self._wake_r, self._wake_w = os.pipe()
