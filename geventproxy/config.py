@@ -258,13 +258,21 @@ signals:
              close the rest, print a final statistics line and exit 0;
              a second TERM or INT exits at once
 
-statistics (the JSON object; see the README for every field):
-  msg_total           msg_req + msg_ack + msg_nak: well-formed messages, both directions
-  msg_req, msg_ack, msg_nak   well-formed messages of each type
-  msg_invalid         lines that are not well-formed Foo (forwarded all the same)
+statistics (the JSON object; the README says more of each):
+  msg_total          msg_req + msg_ack + msg_nak: well-formed messages, both directions
+  msg_req, msg_ack, msg_nak  well-formed messages of each type
+  msg_invalid        lines that are not well-formed Foo (forwarded all the same)
   request_rate_1s, request_rate_10s    REQ per second over the last 1 s / 10 s
   response_rate_1s, response_rate_10s  ACK+NAK per second over the last 1 s / 10 s
-  connections_*, upstream_*, bytes_*, latency_*  see the README
+  msg_<type>_<direction>     the counts by direction (client_to_upstream,
+                             upstream_to_client), type req, ack, nak or invalid
+  bytes_client_to_upstream, bytes_upstream_to_client  bytes forwarded each way
+  connections_total, connections_active, connections_refused
+  connections_closed         closed connections by reason
+  upstream_connect_failures, upstream_connect_timeouts, accept_errors
+  latency_p50_ms, latency_p90_ms, latency_p99_ms  upstream response time, last 10 s
+  latency_count, latency_unmatched, latency_dropped
+  uptime_s
 
 every flag can also be set as GEVENTPROXY_<FLAG> in the environment,
 e.g. GEVENTPROXY_FORWARD=db1:8001 GEVENTPROXY_IDLE_TIMEOUT=300

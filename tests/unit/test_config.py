@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from geventproxy import __version__
 from geventproxy.config import _FLAGS, ENV_PREFIX, Address, Config, ConfigError, load
+from geventproxy.stats import Stats, snapshot
 from tests.helpers import REPO_ROOT, subprocess_env
 
 # flag -> (text, the Config value it gives). Every flag must be here.
@@ -183,6 +185,11 @@ def test_cli_help_names_every_flag_signal_and_statistic() -> None:
         assert signal_name in text
     for field in REQUIRED_FIELDS:
         assert field in text, field
+    # Every field of the report, the per-direction ones by their pattern.
+    for field in snapshot([Stats().block], 0):
+        if not re.fullmatch(r"msg_\w+_(client_to_upstream|upstream_to_client)", field):
+            assert field in text, field
+    assert "msg_<type>_<direction>" in text
     assert ENV_PREFIX in text
     assert _cli("-h").stdout == text
 
