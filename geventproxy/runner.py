@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import socket
@@ -31,6 +32,9 @@ from .state import StateWriter, load_baseline
 from .stats import Block, Stats, latency_histogram, persistent_totals, snapshot
 
 __all__ = ["raise_fd_limit", "run"]
+
+#: How often a worker checks that its parent is still there.
+PARENT_CHECK_INTERVAL = 1.0
 
 
 def raise_fd_limit() -> int:
@@ -95,6 +99,7 @@ def run(
         signals.install(stop=stop.set, force=force.set, report=None, interrupt=False)
         # The parent forked this worker with TERM blocked; the handler is in place now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        gevent.spawn(_stop_when_orphaned, os.getppid(), stop, log)
     server.start()
     log.info(
         "listening",
@@ -122,6 +127,14 @@ def run(
     signals.ignore_report_signal()
     log.info("exit")
     return 0
+
+
+def _stop_when_orphaned(parent: int, stop: Event, log: logging.Logger) -> None:
+    """A worker whose parent died (SIGKILL, OOM killer) drains and exits on its own."""
+    while os.getppid() == parent:
+        gevent.sleep(PARENT_CHECK_INTERVAL)
+    log.warning("parent process gone, stopping", extra={"fields": {"parent": parent}})
+    stop.set()
 
 
 def _shutdown(server: ProxyServer, config: Config, force: Event, log: logging.Logger) -> None:

@@ -132,3 +132,16 @@ def test_workers_serve_admin_and_keep_the_state_file(upstream: int, tmp_path) ->
         assert report["request_rate_1s"] == 0.0 and report["request_rate_10s"] == 0.0
         assert run_foo_client(f"-connect=127.0.0.1:{p.port}").returncode == 0
         assert p.report()["msg_req"] == 2100
+
+
+def test_workers_exit_when_the_parent_is_killed(upstream: int) -> None:
+    """1. -workers=2, then SIGKILL to the parent (as the OOM killer would).
+    2. The orphaned workers notice, drain and exit by themselves within a few seconds,
+       instead of holding the port for ever."""
+    with proxy(upstream, "-workers=2", "-drain-timeout=1") as p:
+        _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
+        workers = _workers(p.proc.pid)
+        p.proc.kill()
+        p.proc.wait(timeout=5)
+        _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 10)
+        assert any("parent process gone" in line for line in p.stderr_lines), p.log()
