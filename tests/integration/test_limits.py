@@ -11,16 +11,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     Proxy,
     connect,
     cpu_seconds,
-    foo_server,
     proxy,
     recv_lines,
     report_when,
@@ -28,13 +24,6 @@ from tests.helpers import (
     wait_closed,
     wait_until,
 )
-
-
-@pytest.fixture(scope="module")
-def foo_port() -> Iterator[int]:
-    """One reference server shared by the module."""
-    with foo_server() as (_, port):
-        yield port
 
 
 def _round_trip(client: socket.socket, seq: int, data: bytes = b"ping") -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from geventproxy.testing.protocol import make_requests, reply_for
-from tests.helpers import Proxy, foo_server, proxy, run_foo_client
+from tests.helpers import Proxy, proxy, run_foo_client
 
 REQUIRED = {
     "msg_total": int,
@@ -23,15 +23,9 @@ REQUIRED = {
 }
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[int]:
-    with foo_server() as (_, port):
-        yield port
-
-
 @pytest.fixture()
-def px(upstream: int) -> Iterator[Proxy]:
-    with proxy(upstream) as p:
+def px(foo_port: int) -> Iterator[Proxy]:
+    with proxy(foo_port) as p:
         yield p
 
 
@@ -96,14 +90,14 @@ def test_report_is_one_json_line_with_required_fields(px: Proxy) -> None:
     assert run_foo_client(f"-connect=127.0.0.1:{px.port}").returncode == 0
 
 
-def test_protocol_example_is_forwarded_byte_exact(px: Proxy, upstream: int) -> None:
+def test_protocol_example_is_forwarded_byte_exact(px: Proxy, foo_port: int) -> None:
     """1. A pipelined burst, including lines the grammar rejects, sent direct and via the proxy.
     2. Both transcripts are identical. 3. The invalid lines are counted, not dropped."""
     payload = (
         b"REQ 3 Hey\nREQ 4 Hey\nREQ 5 Hey\nREQ 6 Hey\r\n"
         b"garbage\nREQ 7 two words\n\nREQ 99999999999999999999 x\n"
     )
-    direct = _exchange(upstream, payload, 8)
+    direct = _exchange(foo_port, payload, 8)
     via = _exchange(px.port, payload, 8)
     assert via == direct
     assert via.count(b"ERRDECODE") == 4
@@ -170,16 +164,16 @@ def test_rates_under_paced_traffic(px: Proxy) -> None:
             got += sock.recv(65536)
 
 
-def test_ipv6_and_any_address(upstream: int) -> None:
+def test_ipv6_and_any_address(foo_port: int) -> None:
     """1. `-listen=:0` (every interface) answers on 127.0.0.1 and ::1.
     2. `-listen=[::1]:0` works.  3. `-forward=localhost:P` reaches a server bound to
     127.0.0.1 only, whichever address localhost resolves to first."""
-    with proxy(None, "-listen=:0", forward=f"localhost:{upstream}") as p:
+    with proxy(None, "-listen=:0", forward=f"localhost:{foo_port}") as p:
         for host in ("127.0.0.1", "::1"):
             result = run_foo_client(f"-connect={'[::1]' if host == '::1' else host}:{p.port}")
             assert result.returncode == 0, result.stdout + result.stderr
         assert p.report()["msg_req"] == 200
-    with proxy(upstream, "-listen=[::1]:0") as p:
+    with proxy(foo_port, "-listen=[::1]:0") as p:
         assert run_foo_client(f"-connect=[::1]:{p.port}").returncode == 0
 
 

@@ -6,7 +6,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -27,13 +27,6 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def server_port() -> Iterator[int]:
-    """One slow-mode reference server shared by the module (startup costs ~0.3 s)."""
-    with foo_server() as (_, port):
-        yield port
-
-
 def _closed_by_peer(sock: socket.socket) -> bool:
     """True once the peer has closed (EOF or reset), False if data arrives."""
     try:
@@ -50,25 +43,25 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 # --- reference client against reference server ----------------------------------------
 
 
-def test_default_run_prints_exact_output(server_port: int) -> None:
-    proc = run_foo_client(f"-connect=127.0.0.1:{server_port}")
+def test_default_run_prints_exact_output(foo_port: int) -> None:
+    proc = run_foo_client(f"-connect=127.0.0.1:{foo_port}")
     assert (proc.stdout, proc.returncode) == ("..........OK!\n", 0), proc.stderr
 
 
-def test_localhost_and_space_separated_flags(server_port: int) -> None:
+def test_localhost_and_space_separated_flags(foo_port: int) -> None:
     # The server binds 127.0.0.1 only: the client must fall back if localhost is ::1 first.
-    proc = run_foo_client("-connect", f"localhost:{server_port}", "-requests", "20")
+    proc = run_foo_client("-connect", f"localhost:{foo_port}", "-requests", "20")
     assert (proc.stdout, proc.returncode) == ("..OK!\n", 0), proc.stderr
 
 
-def test_twenty_connections(server_port: int) -> None:
-    proc = run_foo_client(f"-connect=127.0.0.1:{server_port}", "-connections=20")
+def test_twenty_connections(foo_port: int) -> None:
+    proc = run_foo_client(f"-connect=127.0.0.1:{foo_port}", "-connections=20")
     assert (proc.stdout, proc.returncode) == ("." * 200 + "OK!\n", 0), proc.stderr
 
 
-def test_pipelined_window(server_port: int) -> None:
+def test_pipelined_window(foo_port: int) -> None:
     proc = run_foo_client(
-        f"--connect=127.0.0.1:{server_port}", "-window=50", "-requests=1000", "-connections=4"
+        f"--connect=127.0.0.1:{foo_port}", "-window=50", "-requests=1000", "-connections=4"
     )
     assert (proc.stdout, proc.returncode) == ("." * 400 + "OK!\n", 0), proc.stderr
 
@@ -103,17 +96,17 @@ def test_server_exits_zero_on_signal(sig: int) -> None:
 # --- reference server against a raw socket -----------------------------------------------
 
 
-def test_garbage_gets_errdecode_and_connection_stays_open(server_port: int) -> None:
-    with connect(server_port) as sock:
+def test_garbage_gets_errdecode_and_connection_stays_open(foo_port: int) -> None:
+    with connect(foo_port) as sock:
         sock.sendall(b"garbage\n")
         assert recv_lines(sock, 1) == [ERRDECODE_REPLY]
         sock.sendall(b"REQ 1 Hey\n")
         assert recv_lines(sock, 1) == [reply_for("REQ", 1, b"Hey")]
 
 
-def test_pipelined_lines_answered_in_order(server_port: int) -> None:
+def test_pipelined_lines_answered_in_order(foo_port: int) -> None:
     lines = [b"REQ 3 Hey\n", b"REQ 4 Hey\r\n", b"ACK 9 x\n", b"REQ 1 two words\n", b"REQ +5\n"]
-    with connect(server_port) as sock:
+    with connect(foo_port) as sock:
         sock.sendall(b"".join(lines))
         replies = recv_lines(sock, len(lines))
     assert replies == [
@@ -125,17 +118,17 @@ def test_pipelined_lines_answered_in_order(server_port: int) -> None:
     ]
 
 
-def test_request_split_across_writes(server_port: int) -> None:
-    with connect(server_port) as sock:
+def test_request_split_across_writes(foo_port: int) -> None:
+    with connect(foo_port) as sock:
         for byte in b"REQ 7 split\n":
             sock.sendall(bytes([byte]))
             time.sleep(0.002)
         assert recv_lines(sock, 1) == [reply_for("REQ", 7, b"split")]
 
 
-def test_server_writes_reply_in_pieces(server_port: int) -> None:
+def test_server_writes_reply_in_pieces(foo_port: int) -> None:
     """With Nagle off, the three writes of a reply usually reach us as separate reads."""
-    with connect(server_port) as sock:
+    with connect(foo_port) as sock:
         for _ in range(50):
             sock.sendall(b"REQ 1 x\n")
             first = sock.recv(65536)
@@ -147,17 +140,17 @@ def test_server_writes_reply_in_pieces(server_port: int) -> None:
     pytest.skip("the kernel coalesced every reply into one read")
 
 
-def test_longest_line_is_answered(server_port: int) -> None:
+def test_longest_line_is_answered(foo_port: int) -> None:
     data = b"a" * (MAX_LINE - len(b"REQ 1 \n"))
-    with connect(server_port) as sock:
+    with connect(foo_port) as sock:
         sock.sendall(b"REQ 1 " + data + b"\n")
         assert recv_lines(sock, 1) == [reply_for("REQ", 1, data)]
 
 
 @pytest.mark.parametrize("terminated", [True, False])
-def test_over_64k_line_closes_connection(server_port: int, terminated: bool) -> None:
+def test_over_64k_line_closes_connection(foo_port: int, terminated: bool) -> None:
     data = b"a" * (MAX_LINE - len(b"REQ 1 \n") + 1)
-    with connect(server_port) as sock:
+    with connect(foo_port) as sock:
         sock.sendall(b"REQ 2 ok\n")
         assert recv_lines(sock, 1) == [reply_for("REQ", 2, b"ok")]
         sock.sendall(b"REQ 1 " + data + (b"\n" if terminated else b""))

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +23,6 @@ from tests.helpers import (
     STARTUP_TIMEOUT,
     Proxy,
     connect,
-    foo_server,
     proxy,
     proxy_listening,
     recv_lines,
@@ -39,13 +37,6 @@ from tests.helpers import (
     wait_exit,
     wait_until,
 )
-
-
-@pytest.fixture(scope="module")
-def foo_port() -> Iterator[int]:
-    """One reference server shared by the module."""
-    with foo_server() as (_, port):
-        yield port
 
 
 def _round_trip(client: socket.socket, seq: int) -> None:

@@ -6,24 +6,14 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from tests.helpers import (
     Proxy,
     admin_address,
-    foo_server,
     http_request,
     proxy,
     run_foo_client,
 )
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[int]:
-    with foo_server() as (_, port):
-        yield port
 
 
 def _workers(parent: int) -> list[int]:
@@ -47,7 +37,7 @@ def _worker_served(p: Proxy) -> set[str]:
     }
 
 
-def test_two_workers_report_exact_sums_and_survive_a_worker_death(upstream: int) -> None:
+def test_two_workers_report_exact_sums_and_survive_a_worker_death(foo_port: int) -> None:
     """1. Start with -workers=2: the parent forks two workers on one listening socket.
     2. 40 clients x 100 REQ through it: the parent's USR1 line has the exact totals,
        the 10 s rates are exactly total / 10, and both workers served some clients.
@@ -56,7 +46,7 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(upstream: int)
     4. 10 more clients: the totals grow by exactly their traffic.
     5. SIGTERM the parent: the workers drain, the parent prints a final line, exits 0.
     """
-    with proxy(upstream, "-workers=2", "-log-format=json") as p:
+    with proxy(foo_port, "-workers=2", "-log-format=json") as p:
         _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
         first = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=40", timeout=60)
         assert first.returncode == 0, first.stdout + first.stderr
@@ -90,10 +80,10 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(upstream: int)
         assert final["msg_req"] == 5000
 
 
-def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(upstream: int) -> None:
+def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(foo_port: int) -> None:
     """1. USR1 to every process (as `systemctl kill` does): exactly one line, the parent's.
     2. The workers are still there afterwards."""
-    with proxy(upstream, "-workers=2") as p:
+    with proxy(foo_port, "-workers=2") as p:
         _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
         workers = _workers(p.proc.pid)
         for pid in [p.proc.pid, *workers]:
@@ -103,7 +93,7 @@ def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(upstream: int) -> N
         assert _workers(p.proc.pid) == workers
 
 
-def test_workers_serve_admin_and_keep_the_state_file(upstream: int, tmp_path) -> None:
+def test_workers_serve_admin_and_keep_the_state_file(foo_port: int, tmp_path) -> None:
     """1. -workers=2 with --admin and --state-file: /stats (served by worker 0) shows the
        sums over both workers, equal to the parent's USR1 line.
     2. SIGTERM: the parent writes the state file with the summed totals.
@@ -111,7 +101,7 @@ def test_workers_serve_admin_and_keep_the_state_file(upstream: int, tmp_path) ->
        with rates at zero."""
     state = tmp_path / "totals.json"
     args = ("-workers=2", "-admin=localhost:0", f"-state-file={state}", "-log-format=json")
-    with proxy(upstream, *args) as p:
+    with proxy(foo_port, *args) as p:
         admin = admin_address(p)
         result = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=20")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -126,7 +116,7 @@ def test_workers_serve_admin_and_keep_the_state_file(upstream: int, tmp_path) ->
         assert p.stop() == 0
     saved = json.loads(state.read_text())["totals"]
     assert saved["msg_req_client_to_upstream"] == 2000
-    with proxy(upstream, *args) as p:
+    with proxy(foo_port, *args) as p:
         report = p.report()
         assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (2000, 1760, 240)
         assert report["request_rate_1s"] == 0.0 and report["request_rate_10s"] == 0.0
@@ -134,11 +124,11 @@ def test_workers_serve_admin_and_keep_the_state_file(upstream: int, tmp_path) ->
         assert p.report()["msg_req"] == 2100
 
 
-def test_workers_exit_when_the_parent_is_killed(upstream: int) -> None:
+def test_workers_exit_when_the_parent_is_killed(foo_port: int) -> None:
     """1. -workers=2, then SIGKILL to the parent (as the OOM killer would).
     2. The orphaned workers notice, drain and exit by themselves within a few seconds,
        instead of holding the port for ever."""
-    with proxy(upstream, "-workers=2", "-drain-timeout=1") as p:
+    with proxy(foo_port, "-workers=2", "-drain-timeout=1") as p:
         _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
         workers = _workers(p.proc.pid)
         p.proc.kill()

@@ -1,0 +1,16 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import foo_server
+
+
+@pytest.fixture(scope="module")
+def foo_port() -> Iterator[int]:
+    """One reference Foo server (a subprocess on loopback) shared by a test module."""
+    with foo_server() as (_, port):
+        yield port
