@@ -17,7 +17,16 @@ from typing import Any, Callable, NoReturn
 from . import __version__
 from .codec import DEFAULT_MAX_LINE
 
-__all__ = ["Address", "Config", "ConfigError", "parse_address", "load", "ENV_PREFIX"]
+__all__ = [
+    "Address",
+    "Config",
+    "ConfigError",
+    "ENV_PREFIX",
+    "load",
+    "load_with_file",
+    "parse_address",
+    "parse_env_file",
+]
 
 ENV_PREFIX = "GEVENTPROXY_"
 
@@ -58,6 +67,8 @@ class Config:
     state_file: str | None = None
     state_interval: float = 60.0
     health_interval: float = 2.0
+    env_file: str | None = None
+    worker_timeout: float = 30.0
 
 
 def parse_address(text: str, *, allow_any_host: bool, allow_port_zero: bool) -> Address:
@@ -228,7 +239,15 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "workers",
         _count(1),
         "N",
-        "processes sharing the listening socket; the parent reports their sums (default 1)",
+        "worker processes sharing the listening socket, under one parent that reports "
+        "their sums and replaces them on SIGHUP (default 1)",
+    ),
+    (
+        "worker-timeout",
+        _seconds,
+        "SECS",
+        "a worker whose event loop has not run for this long is killed and replaced; "
+        "0 = never (default 30s)",
     ),
     (
         "admin",
@@ -249,6 +268,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "SECS",
         "how often /healthz re-checks that the upstream accepts connections (default 2s)",
     ),
+    (
+        "env-file",
+        str,
+        "PATH",
+        "read GEVENTPROXY_<FLAG>=VALUE lines from this file at start and again on every "
+        "SIGHUP; the file wins over the environment, a flag over both (default none)",
+    ),
 )
 
 _EPILOG = """\
@@ -257,6 +283,11 @@ signals:
   TERM, INT  stop accepting, let open connections finish for --drain-timeout,
              close the rest, print a final statistics line and exit 0;
              a second TERM or INT exits at once
+  HUP        reload: read --env-file again (over the flags and environment the
+             process started with), start new workers from the code now on disk
+             on the same socket, and let the old ones finish their connections
+             (--drain-timeout) and exit; a configuration that does not validate
+             is logged and the running workers carry on
 
 statistics (the JSON object; the README says more of each):
   msg_total          msg_req + msg_ack + msg_nak: well-formed messages, both directions
@@ -276,6 +307,9 @@ statistics (the JSON object; the README says more of each):
 
 every flag can also be set as GEVENTPROXY_<FLAG> in the environment,
 e.g. GEVENTPROXY_FORWARD=db1:8001 GEVENTPROXY_IDLE_TIMEOUT=300
+
+exit status: 0 after TERM/INT, 1 if it cannot listen, 2 for a bad flag,
+3 if the workers fail at every start
 """
 
 
@@ -337,3 +371,56 @@ def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Config:
     if config.admin is not None and config.admin == config.listen and config.admin.port:
         raise ConfigError("--admin must differ from --listen")
     return config
+
+
+def parse_env_file(text: str, name: str) -> dict[str, str]:
+    """The settings of an --env-file: ``GEVENTPROXY_<FLAG>=VALUE`` lines.
+
+    The syntax of systemd's EnvironmentFile, kept simple: blank lines and
+    lines starting with # or ; are skipped, white space around the name and
+    the value is dropped, and one pair of matching quotes around the value
+    is removed. Unlike the environment, which belongs to everyone, the file
+    is the proxy's own: a name that is not a flag is an error (a typo must
+    not pass silently), and so is a file that names another file.
+    """
+    known = {ENV_PREFIX + flag.upper().replace("-", "_") for flag, *_ in _FLAGS}
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        where = f"{name}, line {number}"
+        if not sep or not key:
+            raise ConfigError(f"{where}: not NAME=VALUE")
+        if key not in known:
+            raise ConfigError(f"{where}: {key} is not a GEVENTPROXY_<FLAG> setting")
+        if key == ENV_PREFIX + "ENV_FILE":
+            raise ConfigError(f"{where}: an env file cannot name another one")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def load_with_file(
+    argv: Sequence[str], env: Mapping[str, str], read: Callable[[str], str]
+) -> tuple[Config, dict[str, str]]:
+    """``load``, with the settings of --env-file (read through ``read``) over ``env``.
+
+    Also returns the environment that gives the same Config to ``load``
+    alone: the one a worker gets, so that it never reads the file itself
+    (it might have changed since).
+    """
+    config = load(argv, env)
+    if config.env_file is None:
+        return config, dict(env)
+    try:
+        text = read(config.env_file)
+    except OSError as exc:
+        raise ConfigError(f"--env-file {config.env_file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--env-file {config.env_file}: not UTF-8 text") from None
+    merged = {**env, **parse_env_file(text, config.env_file)}
+    return load(argv, merged), merged

@@ -1,23 +1,28 @@
-"""One proxy process from start to exit, in an explicit order.
+"""One worker's proxy from start to exit, in an explicit order.
 
-Start: logging, file-descriptor limit, bind (proxy, then --admin), saved
-totals (--state-file), signals, accept, then the admin endpoint and the
-state writer.
-Stop (first TERM/INT): stop accepting, let connections finish for
---drain-timeout, close the rest, close the admin endpoint, write the state
-file, write a final report, exit 0. A second TERM/INT closes everything at
-once.
+Start: accept on the inherited listening socket, then the admin endpoint
+(worker 0), the heartbeat and the watch on the parent, then tell the parent
+this worker is ready.
+Stop (the first TERM, or USR2 when a reload replaces this worker): stop
+accepting, let connections finish for --drain-timeout, close the rest,
+close the admin endpoint, exit 0. A retiring worker (USR2) closes its admin
+endpoint at once instead, so that the new workers alone answer it. A TERM
+after either closes every connection at once.
+
+Each step that needs undoing is entered on an ExitStack as it starts, so
+the stop runs the same steps in reverse order even when one of them raises.
+The parent owns the reports and the state file.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import os
-import resource
 import signal
 import socket
 import time
+from collections.abc import Callable, Iterator
 
 import gevent
 from gevent.event import Event
@@ -25,84 +30,109 @@ from gevent.event import Event
 from . import __version__, signals
 from .admin import AdminServer, serve
 from .config import Config
-from .logs import LOGGER, setup
-from .report import Reporter
-from .server import ProxyServer, format_address, open_listener
-from .state import StateWriter, load_baseline
-from .stats import Block, Stats, latency_histogram, persistent_totals, snapshot
+from .listeners import format_address
+from .logs import setup
+from .server import ProxyServer
+from .stats import Block, Stats, latency_histogram, snapshot
+from .workerset import HANDED_OVER
 
-__all__ = ["raise_fd_limit", "run"]
+__all__ = ["run"]
 
 #: How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 1.0
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE as far as the hard limit allows, say so, return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    now = soft
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            now = target
-        except (ValueError, OSError):
-            pass
-    logging.getLogger(LOGGER).info(
-        "file descriptor limit", extra={"fields": {"soft_before": soft, "soft": now, "hard": hard}}
-    )
-    return now
+#: The longest pause between two heartbeats (shorter for a short --worker-timeout).
+HEARTBEAT_INTERVAL = 1.0
 
 
 def run(
     config: Config,
-    listener: socket.socket | None = None,
-    stats: Stats | None = None,
+    listener: socket.socket,
+    stats: Stats,
     *,
-    worker: int | None = None,
-    all_blocks: list[Block] | None = None,
+    worker: int,
+    blocks: Callable[[], list[Block]],
     admin_listener: socket.socket | None = None,
+    ready: Callable[[], None] = lambda: None,
+    beat: Callable[[], None] = lambda: None,
 ) -> int:
-    """Serve until TERM/INT; the exit status.
+    """Serve until TERM or USR2; the exit status.
 
-    As one of several workers (``worker`` is its slot), the parent owns USR1,
-    INT, the reports and the state file: this process serves, drains on
-    TERM, and serves the admin endpoint if it is handed ``admin_listener``.
-    ``all_blocks`` are the blocks a report sums (every worker's, and the
-    saved totals).
+    ``blocks`` gives the blocks the admin endpoint sums (every worker's, and
+    the saved totals); ``ready`` tells the parent this worker accepts;
+    ``beat`` records that its event loop runs.
     """
     log = setup(config.log_level, config.log_format)
-    if listener is None:
-        raise_fd_limit()
-        listener = open_listener(config.listen)
-        if listener is None:
-            return 1
-    if worker is None and config.admin is not None:
-        admin_listener = open_listener(config.admin)
-        if admin_listener is None:
-            return 1
-    stats = stats or Stats()
     server = ProxyServer(listener, config, stats)
-    if worker is not None:
-        # Workers share one listening socket and all wake for each new client: taking
-        # one client per wake-up lets the least busy worker take the next one.
-        server.max_accept = 1
-    stop, force = Event(), Event()
-    reporter = None
-    if worker is None:
-        # Totals saved by an earlier run are a block of their own, summed into every report.
-        blocks = [stats.block, *load_baseline_blocks(config)]
-        reporter = Reporter(lambda: snapshot(blocks, time.monotonic_ns()))
-        signals.install(stop=stop.set, force=force.set, report=reporter.request)
-    else:
-        blocks = all_blocks or [stats.block]
-        signals.install(stop=stop.set, force=force.set, report=None, interrupt=False)
-        # The parent forked this worker with TERM blocked; the handler is in place now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        gevent.spawn(_stop_when_orphaned, os.getppid(), stop, log)
-    server.start()
+    # Workers share one listening socket and all wake for each new client: taking
+    # one client per wake-up lets the least busy worker take the next one.
+    server.max_accept = 1
+    stop, force, retire = Event(), Event(), Event()
+    signals.install(stop=stop.set, force=force.set, retire=lambda: (retire.set(), stop.set()))
+    # The parent started this worker with these blocked; the handlers are in place now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDED_OVER)
+    with contextlib.ExitStack() as stack:
+        stack.callback(log.info, "exit", extra={"fields": {"worker": worker}})
+        server.start()
+        admin = stack.enter_context(contextlib.ExitStack())
+        if admin_listener is not None:
+            admin.callback(_serve_admin(config, server, blocks, admin_listener).stop)
+        interval = min(HEARTBEAT_INTERVAL, config.worker_timeout / 4 or HEARTBEAT_INTERVAL)
+        stack.enter_context(_background(_heartbeat, beat, interval))
+        stack.enter_context(_background(_stop_when_orphaned, os.getppid(), stop, log))
+        stack.callback(_drain, server, config, force, log, worker)
+        _log_serving(log, server, config, worker)
+        ready()
+        stop.wait()
+        if retire.is_set():
+            admin.close()  # now, before the drain: the new workers answer it
+    return 0
+
+
+def _serve_admin(
+    config: Config,
+    server: ProxyServer,
+    blocks: Callable[[], list[Block]],
+    listener: socket.socket,
+) -> AdminServer:
+    return serve(
+        listener,
+        forward=config.forward,
+        connect_timeout=config.connect_timeout,
+        health_interval=config.health_interval,
+        snapshot=lambda: snapshot(blocks(), time.monotonic_ns()),
+        histogram=lambda: latency_histogram(blocks()),
+        accepting=lambda: not server.closed,
+    )
+
+
+@contextlib.contextmanager
+def _background(function: Callable[..., None], *args: object) -> Iterator[None]:
+    """A greenlet that lives as long as the ``with`` block."""
+    greenlet = gevent.spawn(function, *args)
+    try:
+        yield
+    finally:
+        greenlet.kill(block=False)
+
+
+def _heartbeat(beat: Callable[[], None], interval: float) -> None:
+    """Written by the event loop itself: it stops when the loop is stuck."""
+    while True:
+        beat()
+        gevent.sleep(interval)
+
+
+def _stop_when_orphaned(parent: int, stop: Event, log: logging.Logger) -> None:
+    """A worker whose parent died (SIGKILL, OOM killer) drains and exits on its own."""
+    while os.getppid() == parent:
+        gevent.sleep(PARENT_CHECK_INTERVAL)
+    log.warning("parent process gone, stopping", extra={"fields": {"parent": parent}})
+    stop.set()
+
+
+def _log_serving(log: logging.Logger, server: ProxyServer, config: Config, worker: int) -> None:
     log.info(
-        "listening",
+        "serving",
         extra={
             "fields": {
                 "address": format_address(server.address),
@@ -117,31 +147,20 @@ def run(
             }
         },
     )
-    # The state file is the parent's in a multi-worker proxy.
-    extras = _start_extras(config, server, blocks, admin_listener, state=worker is None)
-    stop.wait()
-    _shutdown(server, config, force, log)
-    _stop_extras(extras)
-    if reporter is not None and not reporter.final():
-        log.warning("final statistics line dropped: stdout is not being read")
-    signals.ignore_report_signal()
-    log.info("exit")
-    return 0
 
 
-def _stop_when_orphaned(parent: int, stop: Event, log: logging.Logger) -> None:
-    """A worker whose parent died (SIGKILL, OOM killer) drains and exits on its own."""
-    while os.getppid() == parent:
-        gevent.sleep(PARENT_CHECK_INTERVAL)
-    log.warning("parent process gone, stopping", extra={"fields": {"parent": parent}})
-    stop.set()
-
-
-def _shutdown(server: ProxyServer, config: Config, force: Event, log: logging.Logger) -> None:
-    open_now = len(server.connections)
+def _drain(
+    server: ProxyServer, config: Config, force: Event, log: logging.Logger, worker: int
+) -> None:
     log.info(
         "draining",
-        extra={"fields": {"connections": open_now, "drain_timeout_s": config.drain_timeout}},
+        extra={
+            "fields": {
+                "worker": worker,
+                "connections": len(server.connections),
+                "drain_timeout_s": config.drain_timeout,
+            }
+        },
     )
     drainer = gevent.spawn(server.drain, config.drain_timeout)
     gevent.wait([drainer, force], count=1)
@@ -153,54 +172,3 @@ def _shutdown(server: ProxyServer, config: Config, force: Event, log: logging.Lo
         closed = drainer.value or 0
     if closed:
         log.warning("closed connections at shutdown", extra={"fields": {"connections": closed}})
-
-
-@dataclasses.dataclass
-class _Extras:
-    """The optional services around the proxy: admin endpoint, state file."""
-
-    admin: AdminServer | None = None
-    state: StateWriter | None = None
-
-
-def load_baseline_blocks(config: Config) -> list[Block]:
-    """The totals of the state file as a block to sum in, if there is one."""
-    if config.state_file is None:
-        return []
-    baseline = load_baseline(config.state_file)
-    return [] if baseline is None else [baseline]
-
-
-def _start_extras(
-    config: Config,
-    server: ProxyServer,
-    blocks: list[Block],
-    admin_listener: socket.socket | None,
-    state: bool,
-) -> _Extras:
-    """Start what the flags ask for, once the proxy accepts; ``blocks`` as the reports see them."""
-    extras = _Extras()
-    if admin_listener is not None:
-        extras.admin = serve(
-            admin_listener,
-            forward=config.forward,
-            connect_timeout=config.connect_timeout,
-            health_interval=config.health_interval,
-            snapshot=lambda: snapshot(blocks, time.monotonic_ns()),
-            histogram=lambda: latency_histogram(blocks),
-            accepting=lambda: not server.closed,
-        )
-    if state and config.state_file is not None:
-        extras.state = StateWriter(
-            config.state_file, lambda: persistent_totals(blocks), config.state_interval
-        )
-        extras.state.start()
-    return extras
-
-
-def _stop_extras(extras: _Extras) -> None:
-    """After the drain: close the admin endpoint, then write the final totals."""
-    if extras.admin is not None:
-        extras.admin.stop()
-    if extras.state is not None:
-        extras.state.stop()

@@ -22,6 +22,7 @@ from gevent.server import StreamServer
 
 from .config import Address, Config
 from .connection import Connection
+from .listeners import format_address, make_listener, open_listener
 from .logs import LOGGER, RateLimit, escape
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT
 from .stats import Stats
@@ -34,60 +35,6 @@ log = logging.getLogger(LOGGER)
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() failures caused by the one client that gave up: ignore.
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
-
-
-# Binding "::" fails with these where the host has IPv6 switched off.
-_NO_IPV6_ERRNOS = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
-
-
-def make_listener(address: Address, backlog: int = 1024) -> socket.socket:
-    """Bind and listen. An empty host means every interface, IPv6 and IPv4 together.
-
-    A plain socket, not a gevent one: a supervisor binds before it forks its
-    workers, and must not create an event loop to do so.
-    """
-    if address.host:
-        infos = socket.getaddrinfo(
-            address.host, address.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
-        family, _, _, _, sockaddr = infos[0]
-        candidates = [(family, sockaddr)]
-    else:
-        candidates = [(socket.AF_INET6, ("::", address.port)), (socket.AF_INET, ("", address.port))]
-    error: OSError | None = None
-    for family, sockaddr in candidates:
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # no IPv6 on this host
-            error = exc
-            continue
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and not address.host:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
-            sock.setblocking(False)
-            return sock
-        except OSError as exc:
-            sock.close()
-            if exc.errno not in _NO_IPV6_ERRNOS:
-                raise  # a port in use stays an error: never fall back to IPv4 alone
-            error = exc
-    assert error is not None
-    raise error
-
-
-def open_listener(address: Address) -> socket.socket | None:
-    """``make_listener``, or None after logging why it failed (a port in use...)."""
-    try:
-        return make_listener(address)
-    except OSError as exc:
-        log.error(
-            "cannot listen",
-            extra={"fields": {"address": str(address), "error": exc.strerror or str(exc)}},
-        )
-        return None
 
 
 #: TCP keepalive on both sockets of a connection: a peer that vanished without
@@ -128,14 +75,6 @@ def _connect(address: Address, timeout: float | None) -> Any:
         raise TimeoutError("timed out") from None
     finally:
         deadline.close()
-
-
-def format_address(address: Any) -> str:
-    """A socket address as host:port, [v6]:port for IPv6."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
 
 
 class ProxyServer(StreamServer):

@@ -1,8 +1,9 @@
-"""Signal handlers that only hand off.
+"""A worker's signal handlers, which only hand off.
 
-The callbacks run in the event loop; each one only sets a flag or an event.
-The real work (writing a report, draining) happens in greenlets that wait
-for those events.
+The callbacks run in the event loop; each one only sets an event. The
+drain happens in the worker's main greenlet, which waits for those events.
+USR1, HUP and INT belong to the parent: a worker ignores them from its
+first line (``worker.py``).
 """
 
 from __future__ import annotations
@@ -12,35 +13,28 @@ from collections.abc import Callable
 
 import gevent
 
-__all__ = ["install", "ignore_report_signal"]
-
-
-def ignore_report_signal() -> None:
-    """Until the proxy's handler is in place, USR1 must not kill the process."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+__all__ = ["install"]
 
 
 def install(
-    stop: Callable[[], None],
-    force: Callable[[], None],
-    report: Callable[[], None] | None,
-    interrupt: bool = True,
+    stop: Callable[[], None], force: Callable[[], None], retire: Callable[[], None]
 ) -> list[object]:
-    """USR1 asks for a report; the first TERM (or INT) asks for a drain, the second forces.
-
-    Without ``report`` USR1 stays ignored; without ``interrupt`` so does INT
-    (a worker leaves both to its parent).
-    """
-    terms = 0
+    """The first TERM asks for a drain, USR2 for a retirement (a drain because a
+    reload replaces this worker); a TERM after either forces."""
+    signals = 0
 
     def on_term() -> None:
-        nonlocal terms
-        terms += 1
-        (stop if terms == 1 else force)()
+        nonlocal signals
+        signals += 1
+        (stop if signals == 1 else force)()
 
-    handlers = [gevent.signal_handler(signal.SIGTERM, on_term)]
-    if interrupt:
-        handlers.append(gevent.signal_handler(signal.SIGINT, on_term))
-    if report is not None:
-        handlers.append(gevent.signal_handler(signal.SIGUSR1, report))
-    return handlers
+    def on_retire() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            retire()
+
+    return [
+        gevent.signal_handler(signal.SIGTERM, on_term),
+        gevent.signal_handler(signal.SIGUSR2, on_retire),
+    ]

@@ -11,8 +11,8 @@ Whatever happened after the last write is lost if the process is killed
 
 A write is a temporary file in the same directory, fsync, ``os.replace``,
 then an fsync of the directory: a reader (or the next start) sees the old
-file or the new one, never a torn one. The disk I/O runs in gevent's thread
-pool so that a slow disk stalls the writer, not the event loop.
+file or the new one, never a torn one. The parent process writes it, so a
+slow disk stalls the parent's loop, never a worker serving clients.
 """
 
 from __future__ import annotations
@@ -22,16 +22,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
-
-import gevent
-from gevent.event import Event
 
 from .logs import LOGGER
 from .stats import new_baseline
 
-__all__ = ["FORMAT", "StateWriter", "decode", "encode", "load_baseline", "write_atomically"]
+__all__ = ["FORMAT", "StateFile", "decode", "encode", "load_baseline", "write_atomically"]
 
 log = logging.getLogger(LOGGER)
 
@@ -118,55 +114,22 @@ def write_atomically(path: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _write_in_thread(path: str, data: bytes) -> str | None:
-    """``write_atomically`` for the thread pool: the error text, or None.
+class StateFile:
+    """--state-file as the parent keeps it: one write now and then, and one at exit."""
 
-    Returned, not raised: gevent prints the traceback of any exception that
-    leaves a pool thread, and a full disk deserves one log line, not that.
-    """
-    try:
-        write_atomically(path, data)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
-
-
-class StateWriter:
-    """Writes ``totals()`` to ``path`` every ``interval`` seconds (0: only at ``stop``)."""
-
-    def __init__(self, path: str, totals: Callable[[], dict[str, Any]], interval: float) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.totals = totals
-        self.interval = interval
-        self._stop = Event()
-        self._greenlet: gevent.Greenlet | None = None
         self._failing = False
 
-    def start(self) -> None:
-        if self.interval > 0 and self._greenlet is None:
-            self._greenlet = gevent.spawn(self._run)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.save()
-
-    def save(self, timeout: float | None = None) -> bool:
-        """Write now; a failure is logged (once until the next success) and returned.
-
-        ``timeout`` bounds the wait for the disk (a hung network file system
-        must not hold up an exit); the write itself may still finish later.
-        """
-        data = encode(self.totals())  # taken without yielding
-        pool = gevent.get_hub().threadpool
+    def save(self, totals: dict[str, Any]) -> bool:
+        """Write ``totals`` now; a failure is logged (once until the next success) and returned."""
         try:
-            error = pool.spawn(_write_in_thread, self.path, data).get(timeout=timeout)
-        except gevent.Timeout:
-            error = "timed out"
-        if error is not None:
+            write_atomically(self.path, encode(totals))
+        except OSError as exc:
             if not self._failing:
                 log.error(
                     "cannot write the state file",
-                    extra={"fields": {"path": self.path, "error": error}},
+                    extra={"fields": {"path": self.path, "error": exc.strerror or str(exc)}},
                 )
             self._failing = True
             return False
@@ -174,11 +137,3 @@ class StateWriter:
             log.info("state file written again", extra={"fields": {"path": self.path}})
         self._failing = False
         return True
-
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Stop the periodic writes, wait for one in progress, then write the final totals."""
-        self._stop.set()
-        if self._greenlet is not None:
-            self._greenlet.join(timeout)
-            self._greenlet.kill(block=False)
-        return self.save(timeout)

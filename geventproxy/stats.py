@@ -2,8 +2,8 @@
 
 Pure logic: the clock is injected (integer nanoseconds of a monotonic clock)
 and nothing here does I/O. The block is a flat array of integers: a list,
-or a ``memoryview`` of signed 64-bit integers in shared memory when several
-worker processes each write their own block and a report sums the blocks
+or a ``memoryview`` of signed 64-bit integers in shared memory, where each
+worker process writes its own block and a report sums the blocks
 (``snapshot``). One process and one event loop write a block, so no locks.
 
 A moving window of W seconds counts the messages seen in (now - W, now]. The
@@ -19,7 +19,6 @@ message has been seen for W the window is exactly zero.
 
 from __future__ import annotations
 
-import mmap
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
@@ -100,20 +99,14 @@ _STAMP = _LRING + LATENCY_WINDOW_S * _NB
 _WREQ = _STAMP + RING
 _WRESP = _WREQ + RING
 BLOCK_SLOTS = _WRESP + RING
-BLOCK_BYTES = BLOCK_SLOTS * 8
 
 
 Block = Union[list[int], memoryview]
 
 
-def new_block(shared: bool = False) -> Block:
-    """A zeroed block.
-
-    ``shared`` puts it in anonymous shared memory, which outlives fork: a
-    memoryview of int64. Otherwise it is a plain list, whose item updates
-    cost a third of a memoryview's on the hot path.
-    """
-    block: Block = memoryview(mmap.mmap(-1, BLOCK_BYTES)).cast("q") if shared else [0] * BLOCK_SLOTS
+def new_block() -> Block:
+    """A zeroed block: a plain list (``sharedstats`` puts blocks in shared memory)."""
+    block: Block = [0] * BLOCK_SLOTS
     for i in range(_STAMP, _WREQ):
         block[i] = -1  # no bucket holds millisecond -1
     for i in range(_LSTAMP, _LRING):

@@ -1,24 +1,30 @@
-"""``--workers N``: N proxy processes on one listening socket, one small parent.
+"""The parent process: the one supervisord or systemd watches; its PID never changes.
 
-The parent binds the socket and maps one statistics block per worker in
-shared memory, then forks the workers before any event loop exists. Each
-worker is a full proxy writing only its own block; the parent never touches
-a connection. It owns the signals:
+Every proxy is this parent and ``--workers`` worker processes (one by
+default). The parent binds the listening socket (and --admin's) once and
+holds it for its whole life; each worker is a fresh interpreter
+(``worker.py``) that inherits it, serves the clients, and writes its own
+block of the shared statistics (``sharedstats.py``). The parent never
+touches a connection. It owns the signals:
 
-- USR1: one JSON line, the exact sum of every worker's block (counters add
-  up; each window is the sum of the workers' windows at the same instant);
+- USR1: one JSON line, the exact sum of every block;
 - TERM/INT: TERM to every worker (each drains on its own), wait for them,
-  print a final line, exit 0; a second TERM/INT is passed on, and the
-  workers then close everything at once;
-- a worker that dies is logged and replaced in the same slot: its block,
-  and so every message it counted, stays in the sums.
+  write the state file and a final line, exit 0; a second TERM/INT is
+  passed on, and the workers then close everything at once;
+- HUP: a reload (``handle_hup``): a new generation of workers, from the
+  code on disk now and the configuration read again, on the same socket;
+- CHLD: a worker that dies is logged and replaced; one whose event loop
+  stops (no heartbeat for --worker-timeout) is killed and replaced; one
+  that fails at every start stops the proxy, exit status 3.
 
-The parent is plain Python, no gevent: like gunicorn's arbiter its signal
-handlers only queue the signal and wake the main loop through a pipe.
+It imports no gevent and runs no event loop: like gunicorn's arbiter it is
+a select loop, and its signal handlers only queue the signal and wake the
+loop through a pipe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -27,28 +33,47 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from .config import Config
+from .config import Config, ConfigError, load_with_file
+from .listeners import format_address, open_listener, raise_fd_limit
 from .logs import LOGGER, setup
 from .report import render, write_line
-from .runner import load_baseline_blocks, raise_fd_limit
-from .server import format_address, open_listener
-from .state import encode, write_atomically
-from .stats import Block, Stats, new_block, persistent_totals, reset_gauges, snapshot
+from .sharedstats import SharedStats
+from .state import StateFile, load_baseline
+from .stats import persistent_totals, snapshot
+from .workerset import Generation, Worker, WorkerSet
 
-__all__ = ["supervise"]
+__all__ = ["read_settings", "supervise"]
 
 log = logging.getLogger(LOGGER)
 
-#: A slot whose worker dies sooner than this after starting waits this long before it restarts.
+#: The longest the loop sleeps: how often heartbeats and deadlines are looked at.
+TICK = 1.0
+#: A worker not ready this long after it started has failed to start.
+BOOT_TIMEOUT = 60.0
+#: Failed starts in a row of one worker after which the proxy stops (exit status 3).
+BOOT_ATTEMPTS = 3
+#: The pause before starting a worker again after a failed start.
 RESPAWN_DELAY = 1.0
-#: Beyond --drain-timeout, how long the parent waits for workers before SIGKILL.
+#: Beyond --drain-timeout, how long the parent waits for a worker before SIGKILL.
 STOP_GRACE = 5.0
 #: How long the parent waits for stdout to take a statistics line before dropping it.
 REPORT_TIMEOUT = 1.0
-
+#: Generations alive at once (one serving, the rest draining): the shared
+#: statistics have room for this many workers per worker slot.
+GENERATIONS = 4
+EXIT_BOOT_FAILED = 3
+#: Settings the parent holds itself (sockets, the state file): a reload cannot change them.
+RESTART_ONLY = ("listen", "admin", "state_file")
 
 _COUNTED = (signal.SIGTERM, signal.SIGINT)
+
+
+def read_settings(flags: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, dict]:
+    """The configuration, --env-file read now, and the environment a worker gets for it."""
+    return load_with_file(flags, environ, lambda path: Path(path).read_text(encoding="utf-8"))
 
 
 def _coalesce(signals: list[int]) -> list[int]:
@@ -62,26 +87,37 @@ def _coalesce(signals: list[int]) -> list[int]:
     return kept
 
 
-class _Supervisor:
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.blocks: list[Block] = [new_block(shared=True) for _ in range(config.workers)]
-        # The state file's totals, summed into every report like a worker's block.
-        self.blocks += load_baseline_blocks(config)
-        self.admin: socket.socket | None = None  # bound here, served by worker 0
-        self.state_due = time.monotonic() + config.state_interval
-        self.pids: dict[int, int] = {}  # pid -> slot
-        self.started_at: dict[int, float] = {}  # slot -> when its worker started
-        self.respawn_at: dict[int, float] = {}  # slot -> when to start its next worker
-        self.signals: list[int] = []
-        self.stopping = False
-        for block in self.blocks[: config.workers]:
-            Stats(block)  # stamps the start time once; restarted workers keep it
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+def _fields(worker: Worker, **more: object) -> dict:
+    fields = {"worker": worker.slot, "pid": worker.pid, "generation": worker.generation.number}
+    return {"fields": {**fields, **more}}
 
-    # -- signals: queue and wake, nothing else -----------------------------
+
+class Supervisor:
+    """Signals in, workers out; the reload policy is ``Reloads``."""
+
+    def __init__(self, config: Config, env: dict[str, str], flags: Sequence[str]) -> None:
+        self.generation = Generation(1, config, env)
+        self.flags = list(flags)
+        self.stopping = False
+        self.status = 0
+        self.failures: dict[int, int] = {}  # slot -> failed starts in a row
+        self.respawn_at: dict[int, float] = {}  # slot -> when to start it again
+        self.state = StateFile(config.state_file) if config.state_file else None
+        self.state_due = time.monotonic() + config.state_interval
+        self.announced = False
+        self.signals: list[int] = []
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.handlers = {
+            signal.SIGUSR1: self.report,
+            signal.SIGTERM: self.handle_term,
+            signal.SIGINT: self.handle_term,
+            signal.SIGCHLD: self.handle_chld,
+            signal.SIGHUP: self.handle_hup,
+        }
+
+    # -- signals: queue and wake, nothing else ---------------------------------
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -91,206 +127,311 @@ class _Supervisor:
             pass
 
     def _install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in self.handlers:
             signal.signal(sig, self._on_signal)
+        # __main__ blocked HUP until now: one sent during the start is a reload once started.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
-    # -- workers ---------------------------------------------------------------
+    # -- start and run -----------------------------------------------------------
 
-    def _spawn(self, slot: int, listener: object) -> None:
-        reset_gauges(self.blocks[slot])  # the previous worker's connections are gone
-        # TERM stays blocked in the child until its own handler is in place (runner.run
-        # unblocks it): a TERM sent meanwhile waits instead of being lost.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        pid = os.fork()
-        if pid != 0:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        else:
-            status = 1
-            try:
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                admin = self.admin if slot == 0 else None
-                if self.admin is not None and admin is None:
-                    self.admin.close()
-                status = _worker_main(self.config, listener, self.blocks, slot, admin)
-            except BaseException:  # noqa: BLE001 - the child must never return into the parent
-                logging.getLogger(LOGGER).exception("worker crashed")
-            finally:
-                os._exit(status)
-        self.pids[pid] = slot
-        self.started_at[slot] = time.monotonic()
-        log.info("worker started", extra={"fields": {"worker": slot, "pid": pid}})
-
-    def _reap(self, listener: object) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            slot = self.pids.pop(pid, None)
-            if slot is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if self.stopping:
-                log.info(
-                    "worker exited", extra={"fields": {"worker": slot, "pid": pid, "status": code}}
-                )
-                continue
-            log.error(
-                "worker died, restarting",
-                extra={"fields": {"worker": slot, "pid": pid, "status": code}},
+    def run(self) -> int:
+        config = self.generation.config
+        with contextlib.ExitStack() as stack:
+            listeners = [open_listener(a) for a in (config.listen, config.admin) if a is not None]
+            for listener in listeners:
+                if listener is None:
+                    return 1
+                stack.callback(listener.close)
+            self.listeners: list[socket.socket] = listeners  # type: ignore[assignment]
+            self.shared = SharedStats.create(
+                1 + GENERATIONS * max(config.workers, os.cpu_count() or 1)
             )
-            # A worker that dies at start is restarted after a pause, not in a loop;
-            # the main loop starts it when due and keeps answering signals meanwhile.
-            self.respawn_at[slot] = self.started_at.get(slot, 0.0) + RESPAWN_DELAY
+            baseline = load_baseline(config.state_file) if config.state_file else None
+            if baseline is not None:
+                self.shared.set_baseline(baseline)
+            admin = listeners[1] if len(listeners) > 1 else None
+            self.workers = WorkerSet(self.shared, listeners[0], admin, self.flags)
+            self.reloads = Reloads(self)
+            # Unwound in reverse, whatever raised: the totals on disk, then the last line.
+            stack.callback(self.report)
+            stack.callback(self.save_state)
+            self._install()
+            for slot in range(config.workers):
+                self.start(self.generation, slot)
+            while self.workers or not self.stopping:
+                self._turn()
+        log.info("exit", extra={"fields": {"status": self.status}})
+        return self.status
 
-    def _respawn_due(self, listener: object) -> None:
-        now = time.monotonic()
+    def _turn(self) -> None:
+        """One pass of the loop: sleep until woken or due, then answer what came."""
+        timeout = TICK
+        due = [*self.respawn_at.values()]
+        if self.state is not None and self.generation.config.state_interval:
+            due.append(self.state_due)
+        if due:
+            timeout = max(0.0, min(TICK, min(due) - time.monotonic()))
+        try:
+            select.select([self._wake_r, self.workers.notices], [], [], timeout)
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        for worker, version in self.workers.ready():  # before CHLD: it was ready, then died
+            self.on_ready(worker, version)
+        pending, self.signals = self.signals, []  # a swap: the handler loses nothing
+        for sig in _coalesce(pending):
+            self.handlers[sig]()
+        self._tick(time.monotonic())
+
+    def _tick(self, now: float) -> None:
         for slot, due in list(self.respawn_at.items()):
             if due <= now:
                 del self.respawn_at[slot]
-                self._spawn(slot, listener)
+                self.start(self.generation, slot)
+        self.reloads.tick()
+        for worker in self.workers.hung():
+            timeout = worker.generation.config.worker_timeout
+            log.error("worker hung, killing it", extra=_fields(worker, timeout_s=timeout))
+            self.workers.kill([worker])
+        overdue = self.workers.overdue(now)
+        for worker in overdue:
+            what = "did not stop in time" if worker.ready else "did not start in time"
+            log.error(f"worker {what}, killing it", extra=_fields(worker))
+        self.workers.kill(overdue)
+        interval = self.generation.config.state_interval
+        if self.state is not None and interval and not self.stopping and now >= self.state_due:
+            self.save_state()
+            self.state_due = now + interval
 
-    def _stop(self, sig: int) -> None:
-        for pid in list(self.pids):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    # -- workers -----------------------------------------------------------------
 
-    def save_state(self) -> None:
-        """Write the summed totals to --state-file (the parent owns it)."""
-        if self.config.state_file is None:
-            return
+    def start(self, generation: Generation, slot: int) -> Worker | None:
         try:
-            write_atomically(self.config.state_file, encode(persistent_totals(self.blocks)))
+            worker = self.workers.start(generation, slot, BOOT_TIMEOUT)
         except OSError as exc:
-            log.warning(
-                "state file not written",
-                extra={
-                    "fields": {"path": self.config.state_file, "error": exc.strerror or str(exc)}
-                },
-            )
+            log.error("cannot start a worker", extra={"fields": {"worker": slot, "error": exc}})
+            self.failed_start(generation, slot, None)
+            return None
+        log.info("worker started", extra=_fields(worker))
+        return worker
+
+    def on_ready(self, worker: Worker, version: str) -> None:
+        log.info("worker ready", extra=_fields(worker, version=version))
+        if worker.generation is self.generation:
+            self.failures.pop(worker.slot, None)
+            if not self.announced and all(w.ready for w in self.workers.of(self.generation)):
+                self.announced = True
+                self._log_listening(version)
+        self.reloads.on_ready(worker, version)
+
+    def on_exit(self, worker: Worker, status: int) -> None:
+        if self.stopping or worker.retiring:
+            log.info("worker exited", extra=_fields(worker, status=status))
+        elif not self.reloads.on_exit(worker, status) and worker.ready:
+            log.error("worker died, restarting", extra=_fields(worker, status=status))
+            self.start(self.generation, worker.slot)
+        elif worker.generation is self.generation:
+            self.failed_start(worker.generation, worker.slot, status)
+
+    def failed_start(self, generation: Generation, slot: int, status: int | None) -> None:
+        """Try again after a pause, or stop when it failed BOOT_ATTEMPTS times in a row."""
+        if self.reloads.failed_start(generation, slot, status) or self.stopping:
+            return
+        self.failures[slot] = failures = self.failures.get(slot, 0) + 1
+        fields = {"worker": slot, "status": status, "attempts": failures}
+        if failures < BOOT_ATTEMPTS:
+            log.error("worker failed to start, trying again", extra={"fields": fields})
+            self.respawn_at[slot] = time.monotonic() + RESPAWN_DELAY
+            return
+        log.error("worker fails at every start, stopping", extra={"fields": fields})
+        self.status = EXIT_BOOT_FAILED
+        self.handle_term()
+
+    # -- the signals' work -------------------------------------------------------
+
+    def handle_chld(self) -> None:
+        for worker, status in self.workers.reap():
+            self.on_exit(worker, status)
+
+    def handle_hup(self) -> None:
+        if self.stopping:
+            log.warning("reload ignored: stopping")
+        else:
+            self.reloads.wanted = True
+
+    def handle_term(self) -> None:
+        if self.stopping:
+            log.warning("second signal: workers close every connection now")
+            self.workers.send(list(self.workers), signal.SIGTERM)
+            return
+        self.stopping = True
+        self.respawn_at.clear()
+        for listener in self.listeners:
+            listener.close()  # the workers hold their own copies
+        deadline = time.monotonic() + self.generation.config.drain_timeout + STOP_GRACE
+        serving = [w for w in self.workers if not w.retiring]
+        for worker in serving:
+            worker.kill_at = deadline
+        log.info(
+            "stopping workers",
+            extra={
+                "fields": {
+                    "workers": len(serving),
+                    "drain_timeout_s": self.generation.config.drain_timeout,
+                }
+            },
+        )
+        self.workers.send(serving, signal.SIGTERM)
 
     def report(self) -> None:
-        line = render(snapshot(self.blocks, time.monotonic_ns()))
+        line = render(snapshot(self.shared.used(), time.monotonic_ns()))
         # Never block the parent on a stdout nobody reads: it must keep answering TERM.
         if not write_line(sys.stdout.fileno(), line, REPORT_TIMEOUT):
             log.warning("statistics line dropped: stdout is not being read")
 
-    # -- the main loop ---------------------------------------------------------
+    def save_state(self) -> None:
+        if self.state is not None:
+            self.state.save(persistent_totals(self.shared.used()))
 
-    def run(self) -> int:
-        config = self.config
-        listener = open_listener(config.listen)
-        if listener is None:
-            return 1
-        if config.admin is not None:
-            self.admin = open_listener(config.admin)
-            if self.admin is None:
-                return 1
-        self._install()
+    def _log_listening(self, version: str) -> None:
+        config = self.generation.config
         log.info(
             "listening",
             extra={
                 "fields": {
-                    "address": format_address(listener.getsockname()),
+                    "address": format_address(self.listeners[0].getsockname()),
                     "forward": str(config.forward),
                     "workers": config.workers,
+                    "version": version,
                 }
             },
         )
+
+
+class Reloads:
+    """HUP: a new generation of workers, then the old one retires.
+
+    1. Read the configuration again (--env-file); if it does not validate,
+       or changes what only a restart can (RESTART_ONLY), log it and stop:
+       the running workers carry on.
+    2. Start the new generation, from the code on disk now, on the same
+       listening socket; both generations accept meanwhile.
+    3. Once every new worker is ready, USR2 to the old ones: they stop
+       accepting, drain for their --drain-timeout and exit. If a new worker
+       dies or hangs before it is ready, the new ones retire instead.
+
+    A HUP during a reload is done after it. A reload waits while the shared
+    statistics have no free block for every new worker (GENERATIONS
+    generations still alive).
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.parent = supervisor
+        self.wanted = False
+        self.pending: Generation | None = None
+        self.numbered = supervisor.generation.number  # a failed one keeps its number
+        self._waiting_logged = False
+
+    def tick(self) -> None:
+        parent = self.parent
+        if not self.wanted or self.pending is not None or parent.stopping:
+            return
+        try:
+            config, env = read_settings(parent.flags, os.environ)
+        except ConfigError as exc:
+            self.wanted = False
+            log.error("reload failed, the running workers carry on", extra=_error(exc))
+            return
+        current = parent.generation.config
+        changed = [n for n in RESTART_ONLY if getattr(config, n) != getattr(current, n)]
+        if changed:
+            self.wanted = False
+            reason = f"--{changed[0].replace('_', '-')} changed: that takes a restart"
+            log.error("reload refused, the running workers carry on", extra=_error(reason))
+            return
+        if parent.workers.free_blocks() < config.workers:
+            if not self._waiting_logged:
+                log.warning("reload waits for draining workers to exit")
+            self._waiting_logged = True
+            return
+        self.wanted = self._waiting_logged = False
+        self.numbered += 1
+        self.pending = Generation(self.numbered, config, env)
+        log.info("reloading", extra={"fields": {"generation": self.pending.number}})
         for slot in range(config.workers):
-            self._spawn(slot, listener)
-        deadline = None
-        while self.pids or self.respawn_at:
-            wake = [1.0]
-            if deadline is not None:
-                wake.append(deadline - time.monotonic())
-            if self.respawn_at:
-                wake.append(min(self.respawn_at.values()) - time.monotonic())
-            timeout = max(0.0, min(wake))
-            try:
-                select.select([self._wake_r], [], [], timeout)
-            except OSError as exc:
-                if exc.errno != errno.EINTR:
-                    raise
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            # Several USR1 (or CHLD) since the last turn make one report (one reap),
-            # as the kernel coalesces them anyway; each TERM/INT counts.
-            pending, self.signals = self.signals, []  # a swap: the handler loses nothing
-            for sig in _coalesce(pending):
-                if sig == signal.SIGUSR1:
-                    self.report()
-                elif sig in (signal.SIGTERM, signal.SIGINT):
-                    if not self.stopping:
-                        self.stopping = True
-                        self.respawn_at.clear()
-                        listener.close()  # the workers hold their own copies
-                        deadline = time.monotonic() + config.drain_timeout + STOP_GRACE
-                        log.info(
-                            "stopping workers",
-                            extra={
-                                "fields": {
-                                    "workers": len(self.pids),
-                                    "drain_timeout_s": config.drain_timeout,
-                                }
-                            },
-                        )
-                        self._stop(signal.SIGTERM)
-                    else:
-                        log.warning("second signal: workers close every connection now")
-                        self._stop(signal.SIGTERM)
-                elif sig == signal.SIGCHLD:
-                    self._reap(listener)
-            if not self.stopping:
-                self._respawn_due(listener)
-            if (
-                config.state_file
-                and config.state_interval
-                and not self.stopping
-                and time.monotonic() >= self.state_due
-            ):
-                self.save_state()
-                self.state_due = time.monotonic() + config.state_interval
-            if deadline is not None and time.monotonic() >= deadline and self.pids:
-                log.error("workers did not stop in time, killing them")
-                self._stop(signal.SIGKILL)
-                deadline = time.monotonic() + STOP_GRACE
-        self.save_state()
-        self.report()
-        log.info("exit")
-        return 0
+            if parent.start(self.pending, slot) is None:
+                break
+
+    def on_ready(self, worker: Worker, version: str) -> None:
+        new = self.pending
+        workers = self.parent.workers
+        if worker.generation is not new or not all(w.ready for w in workers.of(new)):
+            return
+        if self.parent.stopping:
+            return
+        if len(workers.of(new)) < new.config.workers:
+            return
+        self.pending = None
+        old = [w for w in workers if w.generation is not new and not w.retiring]
+        self.retire(old)
+        self.parent.generation = new
+        config = new.config
+        setup(config.log_level, config.log_format)
+        log.info(
+            "reloaded",
+            extra={
+                "fields": {
+                    "generation": new.number,
+                    "workers": config.workers,
+                    "version": version,
+                    "retiring": len(old),
+                }
+            },
+        )
+
+    def on_exit(self, worker: Worker, status: int) -> bool:
+        """Whether the exit was a new worker's before it was ready (the reload then fails)."""
+        if worker.generation is not self.pending:
+            return False
+        self.failed_start(worker.generation, worker.slot, status)
+        return True
+
+    def failed_start(self, generation: Generation, slot: int, status: int | None) -> bool:
+        if generation is not self.pending:
+            return False
+        self.pending = None
+        fields = {"generation": generation.number, "worker": slot, "status": status}
+        log.error(
+            "reload failed: a new worker did not start, the running workers carry on",
+            extra={"fields": fields},
+        )
+        self.retire(self.parent.workers.of(generation))
+        return True
+
+    def retire(self, workers: list[Worker]) -> None:
+        deadline = time.monotonic() + STOP_GRACE
+        for worker in workers:
+            worker.retiring = True
+            worker.kill_at = deadline + worker.generation.config.drain_timeout
+        self.parent.workers.send(workers, signal.SIGUSR2)
 
 
-def _worker_main(
-    config: Config, listener: object, blocks: list[Block], slot: int, admin: object
-) -> int:
-    """In the child: a full proxy on the shared socket, writing its own block."""
-    from .runner import run
-
-    # The parent answers USR1 and INT (a terminal's Ctrl-C reaches the whole
-    # group; the parent passes it on as TERM). CHLD is the parent's business.
-    for sig in (signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    return run(
-        config,
-        listener=listener,
-        stats=Stats(blocks[slot], mark_start=False),
-        worker=slot,
-        all_blocks=blocks,
-        admin_listener=admin,
-    )
+def _error(error: object) -> dict:
+    return {"fields": {"error": str(error)}}
 
 
-def supervise(config: Config) -> int:
+def supervise(config: Config, env: dict[str, str], flags: Sequence[str]) -> int:
     setup(config.log_level, config.log_format)
     raise_fd_limit()
-    return _Supervisor(config).run()
+    try:
+        return Supervisor(config, env, flags).run()
+    finally:
+        # The interpreter's exit restores the default actions, which end a process:
+        # USR1 and HUP must stay harmless to the very end.
+        for sig in (signal.SIGUSR1, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)

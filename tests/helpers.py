@@ -82,10 +82,11 @@ def start_proxy(
     forward: str | None = None,
     env: dict[str, str] | None = None,
     preexec: list[str] | None = None,
+    cwd: str | None = None,
 ) -> Proxy:
     """Start ``python -m geventproxy`` on 127.0.0.1, a free port, in front of ``forward_port``."""
     target = forward or f"127.0.0.1:{forward_port}"
-    return launch.start_proxy(target, *args, env=env, prefix=preexec)
+    return launch.start_proxy(target, *args, env=env, prefix=preexec, cwd=cwd)
 
 
 @contextlib.contextmanager
@@ -105,6 +106,20 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def worker_pids(p: Proxy) -> list[int]:
+    """The proxy's worker processes: the parent's children, which serve the clients."""
+    with open(f"/proc/{p.proc.pid}/task/{p.proc.pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def worker_pid(p: Proxy) -> int:
+    """The one worker of a proxy with the default -workers=1: the process whose
+    descriptors, memory and CPU time are the relay's (the parent serves no client)."""
+    pids = wait_until(lambda: worker_pids(p))
+    assert len(pids) == 1, pids
+    return pids[0]
 
 
 # --- raw sockets, scripted upstreams, process probes ---------------------------------------

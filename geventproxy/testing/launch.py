@@ -123,9 +123,11 @@ def _spawn(
     prefix: list[str] | None = None,
     preexec_fn: Callable[[], Any] | None = None,
     wait: bool = True,
+    cwd: str | None = None,
 ) -> Launched:
     proc = subprocess.Popen(
         [*(prefix or []), sys.executable, *argv],
+        cwd=cwd,
         env=child_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
@@ -155,13 +157,15 @@ def start_proxy(
     prefix: list[str] | None = None,
     preexec_fn: Callable[[], Any] | None = None,
     wait: bool = True,
+    cwd: str | None = None,
 ) -> Launched:
     """The proxy on ``listen`` in front of ``forward``; its stdout reports are collected.
 
     ``wait=False`` returns at once, before it listens; ``wait_ready`` then waits.
+    ``cwd`` matters to ``python -m``, which imports from there first.
     """
     argv = ["-m", "geventproxy", f"-listen={listen}", f"-forward={forward}", *args]
-    return _spawn(argv, _PROXY_READY, env, True, prefix, preexec_fn, wait)
+    return _spawn(argv, _PROXY_READY, env, True, prefix, preexec_fn, wait, cwd)
 
 
 def run_foo_client(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -39,6 +39,7 @@ from tests.helpers import (
     stdout_reports,
     stop_process,
     wait_closed,
+    worker_pid,
 )
 
 
@@ -459,12 +460,13 @@ RSS_GROWTH_LIMIT_KIB = 20 * 1024
 
 
 def _watch_rss(p: Proxy, progress: list[int]) -> int:
-    """Sample the proxy's RSS until the writer has stalled; return the peak, in KiB."""
-    peak = rss_kib(p.proc.pid)
+    """Sample the worker's RSS until the writer has stalled; return the peak, in KiB."""
+    pid = worker_pid(p)
+    peak = rss_kib(pid)
     last, still_since = -1, time.monotonic()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        peak = max(peak, rss_kib(p.proc.pid))
+        peak = max(peak, rss_kib(pid))
         if progress[0] != last:
             last, still_since = progress[0], time.monotonic()
         elif time.monotonic() - still_since > 0.5:
@@ -502,7 +504,7 @@ def test_slow_reader_backpressure_bounded_memory(record_property) -> None:
     progress = [0]
     push = scripted_upstream(lambda sock: _send_pattern(sock, progress))
     with push as upstream, proxy(upstream.port) as p:
-        baseline = rss_kib(p.proc.pid)
+        baseline = rss_kib(worker_pid(p))
         with connect(p.port, timeout=20) as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             peak = _watch_rss(p, progress)
@@ -528,7 +530,7 @@ def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:
     """
     progress = [0]
     with scripted_upstream() as upstream, proxy(upstream.port) as p:
-        baseline = rss_kib(p.proc.pid)
+        baseline = rss_kib(worker_pid(p))
         with connect(p.port, timeout=20) as client:
             up = upstream.accept()
             up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)

@@ -37,6 +37,7 @@ from tests.helpers import (
     scripted_upstream,
     stdout_reports,
     wait_closed,
+    worker_pid,
 )
 
 MIB = 1024 * 1024
@@ -231,7 +232,7 @@ def test_hostile_bytes_forwarded_untouched(
     payload, invalid = HOSTILE[name]()
     p = hostile_proxy
     before = p.report()
-    watch = RssWatch(p.proc.pid)
+    watch = RssWatch(worker_pid(p))
     try:
         replies = _exchange(p.port, payload)
         sink.wait_for(payload)

@@ -3,8 +3,9 @@
 The program section is used as shipped except for what must differ in a
 test, changed by plain string replacement (each original must be present,
 so an edit of the deploy file cannot silently leave the test behind):
-the interpreter, the addresses (loopback, free ports), the state and log
-paths (a temporary directory), and ``user=`` (no such user here).
+the interpreter, the addresses (loopback, free ports), the state, log and
+env file paths (a temporary directory, with a copy of the shipped env file
+whose upstream is the test's), and ``user=`` (no such user here).
 supervisord itself gets a minimal configuration around it, with its control
 socket a unix socket in the same temporary directory.
 """
@@ -24,10 +25,12 @@ from pathlib import Path
 import pytest
 import supervisor  # noqa: F401 - the test needs supervisord; without it, fail, do not skip
 
-from geventproxy.config import load
+from geventproxy.config import load_with_file
 from tests.helpers import REPO_ROOT, foo_server, run_foo_client, subprocess_env, wait_until
 
 DEPLOY = REPO_ROOT / "scripts" / "deploy" / "geventproxy.supervisord.conf"
+ENV_FILE = REPO_ROOT / "scripts" / "deploy" / "geventproxy.env"
+SHIPPED_ENV_FILE = "/etc/geventproxy/geventproxy.env"
 CTL_TIMEOUT = 20.0
 
 
@@ -43,11 +46,23 @@ def _setting(section: str, key: str) -> str:
     return match.group(1).strip()
 
 
-def _adapted(section: str, tmp: Path, upstream_port: int) -> str:
+def _env_file(tmp: Path, upstream_port: int, *extra: str) -> Path:
+    """The shipped env file, in ``tmp``, with the test's upstream and ``extra`` lines."""
+    old = "GEVENTPROXY_FORWARD=localhost:8001\n"
+    text = ENV_FILE.read_text()
+    assert old in text, f"{old!r} is no longer in {ENV_FILE}: update this test"
+    path = tmp / "geventproxy.env"
+    path.write_text(
+        text.replace(old, f"GEVENTPROXY_FORWARD=127.0.0.1:{upstream_port}\n") + "".join(extra)
+    )
+    return path
+
+
+def _adapted(section: str, tmp: Path) -> str:
     replacements = {
         "/opt/geventproxy/venv/bin/python": sys.executable,
         "-listen=:8002": "-listen=127.0.0.1:0",
-        "-forward=localhost:8001": f"-forward=127.0.0.1:{upstream_port}",
+        SHIPPED_ENV_FILE: str(tmp / "geventproxy.env"),
         # Not 127.0.0.1:0: the configuration refuses it as equal to -listen.
         "-admin=127.0.0.1:9102": "-admin=localhost:0",
         "/var/lib/geventproxy": str(tmp),
@@ -105,7 +120,10 @@ def test_deploy_file_is_consistent() -> None:
     section = _program_section()
     command = shlex.split(_setting(section, "command"))
     assert command[1:3] == ["-m", "geventproxy"]
-    config = load(command[3:], {})  # every flag on the command line is valid
+    # Every flag on the command line is valid, and so is the env file it names.
+    config, _ = load_with_file(command[3:], {}, {SHIPPED_ENV_FILE: ENV_FILE.read_text()}.get)
+    assert config.env_file == SHIPPED_ENV_FILE
+    assert "-forward" not in _setting(section, "command")  # the env file's, changed by reload
     assert config.admin is not None and config.state_file is not None
     assert _setting(section, "stopsignal") == "TERM"
     assert int(_setting(section, "stopwaitsecs")) >= config.drain_timeout + 5
@@ -123,7 +141,8 @@ def test_under_supervisord(tmp: Path) -> None:
     proxy_log = Path(_setting(section, "stderr_logfile").replace("/var/log/geventproxy", str(tmp)))
     with foo_server() as (_, upstream_port):
         conf = tmp / "supervisord.conf"
-        conf.write_text(_supervisord_conf(tmp, _adapted(section, tmp, upstream_port)))
+        _env_file(tmp, upstream_port)
+        conf.write_text(_supervisord_conf(tmp, _adapted(section, tmp)))
         daemon = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
             env=subprocess_env(),
@@ -159,6 +178,17 @@ def test_under_supervisord(tmp: Path) -> None:
             assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (100, 88, 12)
             assert report["msg_total"] == 200
 
+            # A reload with a changed setting: same PID, new worker, nothing lost.
+            _env_file(tmp, upstream_port, "GEVENTPROXY_MAX_CONNECTIONS=777\n")
+            ctl = _ctl(conf, "signal", "HUP", "geventproxy")
+            assert ctl.returncode == 0, ctl.stdout + ctl.stderr
+            wait_until(lambda: " reloaded generation=2 " in proxy_log.read_text(), timeout=20)
+            assert re.search(r" serving .*max_connections=777", proxy_log.read_text())
+            status = _ctl(conf, "status", "geventproxy")
+            assert "RUNNING" in status.stdout and f"pid {proxy_pid}," in status.stdout, status
+            done = run_foo_client(f"-connect=127.0.0.1:{port}")
+            assert (done.stdout, done.returncode) == ("..........OK!\n", 0), done.stderr
+
             started = time.monotonic()
             ctl = _ctl(conf, "stop", "geventproxy")
             took = time.monotonic() - started
@@ -170,10 +200,10 @@ def test_under_supervisord(tmp: Path) -> None:
             assert "SIGKILL" not in daemon_log and "killed" not in daemon_log, daemon_log
             # The final report after the drain, and the state file written on the way out.
             lines = stats_log.read_text().splitlines()
-            assert len(lines) == 2 and json.loads(lines[-1])["msg_req"] == 100
+            assert len(lines) == 2 and json.loads(lines[-1])["msg_req"] == 200
             assert (
                 json.loads((tmp / "state.json").read_text())["totals"]["msg_req_client_to_upstream"]
-                == 100
+                == 200
             )
         finally:
             _stop_supervisord(conf, daemon, proxy_pid)

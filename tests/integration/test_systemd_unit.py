@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from geventproxy.config import _FLAGS, ENV_PREFIX, load
+from geventproxy.config import _FLAGS, ENV_PREFIX, Address, load_with_file
 from tests.helpers import REPO_ROOT
 
 UNIT = REPO_ROOT / "scripts" / "deploy" / "geventproxy.service"
+ENV_FILE = REPO_ROOT / "scripts" / "deploy" / "geventproxy.env"
+SHIPPED_ENV_FILE = "/etc/geventproxy/geventproxy.env"
 SHIPPED_PYTHON = "/opt/geventproxy/venv/bin/python"
 
 
@@ -73,7 +75,12 @@ def test_unit_settings() -> None:
     flags = {ENV_PREFIX + name.upper().replace("-", "_") for name, *_ in _FLAGS}
     ours = {name for name in env if name.startswith(ENV_PREFIX)}
     assert ours and ours <= flags, ours - flags
-    config = load(command[3:], env)  # the environment the unit sets is a valid configuration
+    # The environment the unit sets, with the env file it names, is a valid configuration.
+    assert env[ENV_PREFIX + "ENV_FILE"] == SHIPPED_ENV_FILE
+    config, _ = load_with_file(command[3:], env, {SHIPPED_ENV_FILE: ENV_FILE.read_text()}.get)
+    assert config.forward == Address("localhost", 8001)  # from the env file
+    assert _one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert "systemctl reload geventproxy" in text
     assert _one(service, "TimeoutStopSec") and (
         _seconds(_one(service, "TimeoutStopSec")) >= config.drain_timeout + 5
     )

@@ -13,12 +13,8 @@ from tests.helpers import (
     http_request,
     proxy,
     run_foo_client,
+    worker_pids,
 )
-
-
-def _workers(parent: int) -> list[int]:
-    with open(f"/proc/{parent}/task/{parent}/children") as f:
-        return [int(pid) for pid in f.read().split()]
 
 
 def _wait_for(predicate, timeout: float = 5.0) -> None:
@@ -47,7 +43,7 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(foo_port: int)
     5. SIGTERM the parent: the workers drain, the parent prints a final line, exits 0.
     """
     with proxy(foo_port, "-workers=2", "-log-format=json") as p:
-        _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
+        _wait_for(lambda: len(worker_pids(p)) == 2)
         first = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=40", timeout=60)
         assert first.returncode == 0, first.stdout + first.stderr
         report = p.report()
@@ -56,10 +52,10 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(foo_port: int)
         assert report["connections_total"] == 40 and report["connections_active"] == 0
         assert len(_worker_served(p)) == 2, "the kernel gave every client to one worker"
 
-        victim = _workers(p.proc.pid)[0]
+        victim = worker_pids(p)[0]
         os.kill(victim, signal.SIGKILL)
         p.wait_log("worker died, restarting")
-        _wait_for(lambda: len(_workers(p.proc.pid)) == 2 and victim not in _workers(p.proc.pid))
+        _wait_for(lambda: len(worker_pids(p)) == 2 and victim not in worker_pids(p))
         assert p.report()["msg_req"] == 4000
 
         second = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=10")
@@ -68,7 +64,7 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(foo_port: int)
         assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (5000, 4400, 600)
         assert report["msg_total"] == 10000
 
-        workers = _workers(p.proc.pid)
+        workers = worker_pids(p)
         lines_before = len(p.stdout_lines)
         assert p.stop() == 0
         for pid in workers:  # reaped by the parent before it exited
@@ -84,13 +80,13 @@ def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(foo_port: int) -> N
     """1. USR1 to every process (as `systemctl kill` does): exactly one line, the parent's.
     2. The workers are still there afterwards."""
     with proxy(foo_port, "-workers=2") as p:
-        _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
-        workers = _workers(p.proc.pid)
+        _wait_for(lambda: len(worker_pids(p)) == 2)
+        workers = worker_pids(p)
         for pid in [p.proc.pid, *workers]:
             os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
         assert len(p.stdout_lines) == 1
-        assert _workers(p.proc.pid) == workers
+        assert worker_pids(p) == workers
 
 
 def test_workers_serve_admin_and_keep_the_state_file(foo_port: int, tmp_path) -> None:
@@ -129,8 +125,8 @@ def test_workers_exit_when_the_parent_is_killed(foo_port: int) -> None:
     2. The orphaned workers notice, drain and exit by themselves within a few seconds,
        instead of holding the port for ever."""
     with proxy(foo_port, "-workers=2", "-drain-timeout=1") as p:
-        _wait_for(lambda: len(_workers(p.proc.pid)) == 2)
-        workers = _workers(p.proc.pid)
+        _wait_for(lambda: len(worker_pids(p)) == 2)
+        workers = worker_pids(p)
         p.proc.kill()
         p.proc.wait(timeout=5)
         _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 10)

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from geventproxy import __version__
-from geventproxy.config import _FLAGS, ENV_PREFIX, Address, Config, ConfigError, load
+from geventproxy.config import (
+    _FLAGS,
+    ENV_PREFIX,
+    Address,
+    Config,
+    ConfigError,
+    load,
+    load_with_file,
+    parse_env_file,
+)
 from geventproxy.stats import Stats, snapshot
 from tests.helpers import REPO_ROOT, subprocess_env
 
@@ -33,6 +42,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "state-file": ("/var/lib/geventproxy/state.json", "/var/lib/geventproxy/state.json"),
     "state-interval": ("10s", 10.0),
     "health-interval": ("250ms", 0.25),
+    "worker-timeout": ("2s", 2.0),
+    "env-file": ("/etc/geventproxy/env", "/etc/geventproxy/env"),
 }
 REQUIRED_FIELDS = (
     "msg_total",
@@ -150,6 +161,61 @@ def test_bad_values_are_config_errors(argv: list[str]) -> None:
         load(argv, {})
 
 
+def test_env_file_syntax() -> None:
+    text = (
+        "# comment\n"
+        "; also a comment\n"
+        "\n"
+        "GEVENTPROXY_FORWARD = db2:8001\n"
+        "GEVENTPROXY_IDLE_TIMEOUT='300'\n"
+        'GEVENTPROXY_LOG_LEVEL="debug"\n'
+        "GEVENTPROXY_ADMIN=\n"
+    )
+    assert parse_env_file(text, "f") == {
+        "GEVENTPROXY_FORWARD": "db2:8001",
+        "GEVENTPROXY_IDLE_TIMEOUT": "300",
+        "GEVENTPROXY_LOG_LEVEL": "debug",
+        "GEVENTPROXY_ADMIN": "",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        ("GEVENTPROXY_FORWARD db2:8001\n", "f, line 1: not NAME=VALUE"),
+        ("\n=3\n", "f, line 2: not NAME=VALUE"),
+        ("GEVENTPROXY_IDLE_TIMOUT=5\n", "GEVENTPROXY_IDLE_TIMOUT is not"),
+        ("PATH=/bin\n", "PATH is not"),
+        ("GEVENTPROXY_ENV_FILE=/etc/other\n", "cannot name another"),
+    ],
+)
+def test_env_file_errors_say_where(text: str, mentions: str) -> None:
+    with pytest.raises(ConfigError, match=mentions):
+        parse_env_file(text, "f")
+
+
+def test_env_file_wins_over_the_environment_and_loses_to_the_command_line() -> None:
+    files = {"/etc/gp.env": "GEVENTPROXY_IDLE_TIMEOUT=7\nGEVENTPROXY_MAX_CONNECTIONS=9\n"}
+    env = {"GEVENTPROXY_ENV_FILE": "/etc/gp.env", "GEVENTPROXY_IDLE_TIMEOUT": "300", "HOME": "/"}
+    config, worker_env = load_with_file(["-max-connections=5"], env, files.__getitem__)
+    assert (config.idle_timeout, config.max_connections) == (7.0, 5)
+    # A worker given that environment and the same flags gets the same Config, file unread.
+    assert load(["-max-connections=5"], worker_env) == config
+    assert worker_env["HOME"] == "/"
+
+
+def test_env_file_problems_are_config_errors() -> None:
+    def missing(path: str) -> str:
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    with pytest.raises(ConfigError, match="/nope: No such file"):
+        load_with_file(["-env-file=/nope"], {}, missing)
+    bad = {"/f": "GEVENTPROXY_MAX_CONNECTIONS=lots\n"}
+    with pytest.raises(ConfigError, match="GEVENTPROXY_MAX_CONNECTIONS"):
+        load_with_file(["-env-file=/f"], {}, bad.__getitem__)
+    assert load_with_file([], {}, missing) == (Config(), {})
+
+
 def test_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="GEVENTPROXY_MAX_CONNECTIONS"):
         load([], {"GEVENTPROXY_MAX_CONNECTIONS": "lots"})
@@ -181,7 +247,7 @@ def test_cli_help_names_every_flag_signal_and_statistic() -> None:
     text = done.stdout
     for name, *_ in _FLAGS:
         assert f"-{name}" in text and f"--{name}" in text, name
-    for signal_name in ("USR1", "TERM", "INT"):
+    for signal_name in ("USR1", "TERM", "INT", "HUP"):
         assert signal_name in text
     for field in REQUIRED_FIELDS:
         assert field in text, field

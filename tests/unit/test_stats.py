@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geventproxy.codec import Counts
+from geventproxy.sharedstats import SharedStats
 from geventproxy.stats import BUCKET_NS, Stats, new_block, snapshot
 
 S = 1_000_000_000  # ns
@@ -141,7 +142,9 @@ def test_bucket_boundaries() -> None:
 
 def test_blocks_sum() -> None:
     clock = FakeClock()
-    a, b = Stats(new_block(shared=True), clock), Stats(new_block(), clock)
+    shared = SharedStats.create(2)  # a worker's block, in shared memory
+    shared.give(1)
+    a, b = Stats(shared.blocks[1], clock), Stats(new_block(), clock)
     rng = random.Random(5)
     total = 0
     for _ in range(500):

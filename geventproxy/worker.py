@@ -1,0 +1,96 @@
+"""One worker process, as the parent starts it.
+
+``python -m geventproxy.worker HANDOFF... -- FLAGS...`` runs in a fresh
+interpreter, so a reload runs the code that is on disk now. It inherits
+from the parent the listening socket, the admin socket (worker 0 only), the
+shared statistics and a pipe on which it says it is ready; the HANDOFF
+options give their descriptor numbers. FLAGS are the parent's command line
+as given, and the environment the parent passes it holds the settings of
+its --env-file: the worker parses them with its own code and never reads
+the file (it may have changed since the parent read it).
+
+Exit status: 0 after a drain; 2 if its code rejects the configuration;
+3 if its code cannot add into the parent's statistics (another layout).
+"""
+
+from __future__ import annotations
+
+import signal
+
+# USR1, HUP and INT are the parent's: one sent to the whole process group (a
+# closed terminal, Ctrl-C, `systemctl kill`) must not end a worker. The parent
+# started this interpreter with them blocked: ignore them before unblocking.
+for _sig in (signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
+    signal.signal(_sig, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGHUP, signal.SIGINT})
+
+import logging  # noqa: E402 - after the signals, which must come first
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import ConfigError, load  # noqa: E402
+from .logs import LOGGER, setup  # noqa: E402
+from .sharedstats import IncompatibleLayout, SharedStats  # noqa: E402
+from .stats import Stats  # noqa: E402
+
+__all__ = ["HANDOFF", "main"]
+
+#: The options the parent passes before ``--``, all integers (descriptors, indexes).
+HANDOFF = ("listen-fd", "admin-fd", "stats-fd", "notify-fd", "block", "worker")
+EXIT_CONFIG = 2
+EXIT_INCOMPATIBLE = 3
+
+
+def _handoff(argv: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+    """The parent's handoff options and the flags after ``--``."""
+    argv = list(argv)
+    split = argv.index("--")
+    options = dict(arg.lstrip("-").split("=", 1) for arg in argv[:split])
+    return {name: int(options[name]) for name in HANDOFF}, argv[split + 1 :]
+
+
+def _notify(fd: int) -> None:
+    """Tell the parent this worker accepts (one short write: atomic on a pipe)."""
+    os.write(fd, f"ready {os.getpid()} {__version__}\n".encode())
+    os.close(fd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    handoff, flags = _handoff(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load(flags, os.environ)
+    except ConfigError as exc:
+        print(f"geventproxy worker: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    log = setup(config.log_level, config.log_format)
+    try:
+        shared = SharedStats.attach(handoff["stats-fd"])
+    except IncompatibleLayout as exc:
+        log.error("worker cannot start", extra={"fields": {"error": str(exc)}})
+        return EXIT_INCOMPATIBLE
+    from .runner import run  # imports gevent: only once the worker is sure to run
+
+    admin_fd = handoff["admin-fd"]
+    block = handoff["block"]
+    return run(
+        config,
+        socket.socket(fileno=handoff["listen-fd"]),
+        Stats(shared.blocks[block], mark_start=False),
+        worker=handoff["worker"],
+        blocks=shared.used,
+        admin_listener=socket.socket(fileno=admin_fd) if admin_fd >= 0 else None,
+        ready=lambda: _notify(handoff["notify-fd"]),
+        beat=lambda: shared.beat(block),
+    )
+
+
+if __name__ == "__main__":
+    try:
+        status = main()
+    except Exception:
+        logging.getLogger(LOGGER).exception("worker crashed")
+        status = 1
+    sys.exit(status)

@@ -1,0 +1,64 @@
+"""The parent's own unwind, run in this process with no worker started."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geventproxy.config import load
+from geventproxy.stats import Stats
+from geventproxy.workers import Supervisor
+from geventproxy.workerset import WorkerSet
+
+PARENT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
+
+
+@pytest.fixture()
+def signals_restored() -> Iterator[None]:
+    """The supervisor installs its handlers in this process: put pytest's back."""
+    saved = {sig: signal.getsignal(sig) for sig in PARENT_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def test_an_error_while_stopping_still_writes_the_state_file_and_the_last_report(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    signals_restored: None,
+) -> None:
+    """1. A supervisor with --state-file whose workers are never started.
+    2. In its loop a worker's block counts a connection, then TERM arrives,
+       and passing it on to the workers raises.
+    3. run() raises that error, and yet the state file holds the count and
+       the last line on stdout is the final report with it.
+    """
+    state = tmp_path / "state.json"
+    config = load(["-listen=127.0.0.1:0", f"-state-file={state}"], {})
+    supervisor = Supervisor(config, {}, [])
+    monkeypatch.setattr(supervisor, "start", lambda generation, slot: None)
+
+    def turn() -> None:
+        supervisor.shared.give(1)
+        Stats(supervisor.shared.blocks[1], mark_start=False).incr("connections_total")
+        supervisor.handle_term()
+
+    def send(self: WorkerSet, workers: list, sig: int) -> None:
+        raise OSError("the stop went wrong")
+
+    monkeypatch.setattr(supervisor, "_turn", turn)
+    monkeypatch.setattr(WorkerSet, "send", send)
+    with pytest.raises(OSError, match="the stop went wrong"):
+        supervisor.run()
+    assert json.loads(state.read_text())["totals"]["connections_total"] == 1
+    last = capfd.readouterr().out.splitlines()[-1]
+    assert json.loads(last)["connections_total"] == 1
