@@ -93,18 +93,20 @@ def _fields(worker: Worker, **more: object) -> dict:
 
 
 class Supervisor:
-    """Signals in, workers out; the reload policy is ``Reloads``."""
+    """Signals in, workers out: the loop, the signals' work, the reports, the state file.
+
+    What becomes of a worker that starts, dies or hangs is ``Restarts``'s
+    business; a HUP is ``Reloads``'s.
+    """
 
     def __init__(self, config: Config, env: dict[str, str], flags: Sequence[str]) -> None:
-        self.generation = Generation(1, config, env)
+        self.generation = Generation(1, config, env)  # the one serving
         self.flags = list(flags)
         self.stopping = False
         self.status = 0
-        self.failures: dict[int, int] = {}  # slot -> failed starts in a row
-        self.respawn_at: dict[int, float] = {}  # slot -> when to start it again
         self.state = StateFile(config.state_file) if config.state_file else None
         self.state_due = time.monotonic() + config.state_interval
-        self.announced = False
+        self.listeners: list[socket.socket] = []
         self.signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -137,27 +139,28 @@ class Supervisor:
     def run(self) -> int:
         config = self.generation.config
         with contextlib.ExitStack() as stack:
-            listeners = [open_listener(a) for a in (config.listen, config.admin) if a is not None]
-            for listener in listeners:
-                if listener is None:
+            for address in (config.listen, config.admin):
+                listener = open_listener(address) if address is not None else None
+                if address is not None and listener is None:
                     return 1
-                stack.callback(listener.close)
-            self.listeners: list[socket.socket] = listeners  # type: ignore[assignment]
+                if listener is not None:
+                    stack.callback(listener.close)
+                    self.listeners.append(listener)
             self.shared = SharedStats.create(
                 1 + GENERATIONS * max(config.workers, os.cpu_count() or 1)
             )
             baseline = load_baseline(config.state_file) if config.state_file else None
             if baseline is not None:
                 self.shared.set_baseline(baseline)
-            admin = listeners[1] if len(listeners) > 1 else None
-            self.workers = WorkerSet(self.shared, listeners[0], admin, self.flags)
-            self.reloads = Reloads(self)
+            admin = self.listeners[1] if config.admin is not None else None
+            self.workers = WorkerSet(self.shared, self.listeners[0], admin, self.flags)
+            self.restarts, self.reloads = Restarts(self), Reloads(self)
             # Unwound in reverse, whatever raised: the totals on disk, then the last line.
             stack.callback(self.report)
             stack.callback(self.save_state)
             self._install()
             for slot in range(config.workers):
-                self.start(self.generation, slot)
+                self.restarts.start(self.generation, slot)
             while self.workers or not self.stopping:
                 self._turn()
         log.info("exit", extra={"fields": {"status": self.status}})
@@ -165,12 +168,10 @@ class Supervisor:
 
     def _turn(self) -> None:
         """One pass of the loop: sleep until woken or due, then answer what came."""
-        timeout = TICK
-        due = [*self.respawn_at.values()]
+        due = self.restarts.due()
         if self.state is not None and self.generation.config.state_interval:
             due.append(self.state_due)
-        if due:
-            timeout = max(0.0, min(TICK, min(due) - time.monotonic()))
+        timeout = max(0.0, min([TICK, *(d - time.monotonic() for d in due)]))
         try:
             select.select([self._wake_r, self.workers.notices], [], [], timeout)
         except OSError as exc:
@@ -182,81 +183,24 @@ class Supervisor:
         except BlockingIOError:
             pass
         for worker, version in self.workers.ready():  # before CHLD: it was ready, then died
-            self.on_ready(worker, version)
+            self.restarts.on_ready(worker, version)
+            self.reloads.on_ready(worker, version)
         pending, self.signals = self.signals, []  # a swap: the handler loses nothing
         for sig in _coalesce(pending):
             self.handlers[sig]()
-        self._tick(time.monotonic())
-
-    def _tick(self, now: float) -> None:
-        for slot, due in list(self.respawn_at.items()):
-            if due <= now:
-                del self.respawn_at[slot]
-                self.start(self.generation, slot)
+        now = time.monotonic()
+        self.restarts.tick(now)
         self.reloads.tick()
-        for worker in self.workers.hung():
-            timeout = worker.generation.config.worker_timeout
-            log.error("worker hung, killing it", extra=_fields(worker, timeout_s=timeout))
-            self.workers.kill([worker])
-        overdue = self.workers.overdue(now)
-        for worker in overdue:
-            what = "did not stop in time" if worker.ready else "did not start in time"
-            log.error(f"worker {what}, killing it", extra=_fields(worker))
-        self.workers.kill(overdue)
         interval = self.generation.config.state_interval
         if self.state is not None and interval and not self.stopping and now >= self.state_due:
             self.save_state()
             self.state_due = now + interval
 
-    # -- workers -----------------------------------------------------------------
-
-    def start(self, generation: Generation, slot: int) -> Worker | None:
-        try:
-            worker = self.workers.start(generation, slot, BOOT_TIMEOUT)
-        except OSError as exc:
-            log.error("cannot start a worker", extra={"fields": {"worker": slot, "error": exc}})
-            self.failed_start(generation, slot, None)
-            return None
-        log.info("worker started", extra=_fields(worker))
-        return worker
-
-    def on_ready(self, worker: Worker, version: str) -> None:
-        log.info("worker ready", extra=_fields(worker, version=version))
-        if worker.generation is self.generation:
-            self.failures.pop(worker.slot, None)
-            if not self.announced and all(w.ready for w in self.workers.of(self.generation)):
-                self.announced = True
-                self._log_listening(version)
-        self.reloads.on_ready(worker, version)
-
-    def on_exit(self, worker: Worker, status: int) -> None:
-        if self.stopping or worker.retiring:
-            log.info("worker exited", extra=_fields(worker, status=status))
-        elif not self.reloads.on_exit(worker, status) and worker.ready:
-            log.error("worker died, restarting", extra=_fields(worker, status=status))
-            self.start(self.generation, worker.slot)
-        elif worker.generation is self.generation:
-            self.failed_start(worker.generation, worker.slot, status)
-
-    def failed_start(self, generation: Generation, slot: int, status: int | None) -> None:
-        """Try again after a pause, or stop when it failed BOOT_ATTEMPTS times in a row."""
-        if self.reloads.failed_start(generation, slot, status) or self.stopping:
-            return
-        self.failures[slot] = failures = self.failures.get(slot, 0) + 1
-        fields = {"worker": slot, "status": status, "attempts": failures}
-        if failures < BOOT_ATTEMPTS:
-            log.error("worker failed to start, trying again", extra={"fields": fields})
-            self.respawn_at[slot] = time.monotonic() + RESPAWN_DELAY
-            return
-        log.error("worker fails at every start, stopping", extra={"fields": fields})
-        self.status = EXIT_BOOT_FAILED
-        self.handle_term()
-
     # -- the signals' work -------------------------------------------------------
 
     def handle_chld(self) -> None:
         for worker, status in self.workers.reap():
-            self.on_exit(worker, status)
+            self.restarts.on_exit(worker, status)
 
     def handle_hup(self) -> None:
         if self.stopping:
@@ -270,22 +214,14 @@ class Supervisor:
             self.workers.send(list(self.workers), signal.SIGTERM)
             return
         self.stopping = True
-        self.respawn_at.clear()
         for listener in self.listeners:
             listener.close()  # the workers hold their own copies
-        deadline = time.monotonic() + self.generation.config.drain_timeout + STOP_GRACE
-        serving = [w for w in self.workers if not w.retiring]
+        drain = self.generation.config.drain_timeout
+        serving = [w for w in self.workers if not w.retiring]  # the retiring drain already
         for worker in serving:
-            worker.kill_at = deadline
-        log.info(
-            "stopping workers",
-            extra={
-                "fields": {
-                    "workers": len(serving),
-                    "drain_timeout_s": self.generation.config.drain_timeout,
-                }
-            },
-        )
+            worker.kill_at = time.monotonic() + drain + STOP_GRACE
+        fields = {"workers": len(serving), "drain_timeout_s": drain}
+        log.info("stopping workers", extra={"fields": fields})
         self.workers.send(serving, signal.SIGTERM)
 
     def report(self) -> None:
@@ -298,19 +234,86 @@ class Supervisor:
         if self.state is not None:
             self.state.save(persistent_totals(self.shared.used()))
 
-    def _log_listening(self, version: str) -> None:
-        config = self.generation.config
-        log.info(
-            "listening",
-            extra={
-                "fields": {
-                    "address": format_address(self.listeners[0].getsockname()),
-                    "forward": str(config.forward),
-                    "workers": config.workers,
-                    "version": version,
-                }
-            },
-        )
+
+class Restarts:
+    """The serving generation's workers: replace the dead, kill the hung, stop on the hopeless."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.parent = supervisor
+        self.failures: dict[int, int] = {}  # slot -> failed starts in a row
+        self.respawn_at: dict[int, float] = {}  # slot -> when to start it again
+        self.announced = False
+
+    def due(self) -> list[float]:
+        return [] if self.parent.stopping else list(self.respawn_at.values())
+
+    def start(self, generation: Generation, slot: int) -> Worker | None:
+        try:
+            worker = self.parent.workers.start(generation, slot, BOOT_TIMEOUT)
+        except OSError as exc:
+            log.error("cannot start a worker", extra={"fields": {"worker": slot, "error": exc}})
+            self.failed_start(generation, slot, None)
+            return None
+        log.info("worker started", extra=_fields(worker))
+        return worker
+
+    def tick(self, now: float) -> None:
+        workers = self.parent.workers
+        for slot, due in list(self.respawn_at.items()):
+            if due <= now and not self.parent.stopping:
+                del self.respawn_at[slot]
+                self.start(self.parent.generation, slot)
+        for worker in workers.hung():
+            timeout = worker.generation.config.worker_timeout
+            log.error("worker hung, killing it", extra=_fields(worker, timeout_s=timeout))
+            workers.kill([worker])
+        for worker in workers.overdue(now):
+            what = "did not stop in time" if worker.ready else "did not start in time"
+            log.error(f"worker {what}, killing it", extra=_fields(worker))
+            workers.kill([worker])
+
+    def on_ready(self, worker: Worker, version: str) -> None:
+        log.info("worker ready", extra=_fields(worker, version=version))
+        serving = self.parent.generation
+        if worker.generation is not serving:
+            return
+        self.failures.pop(worker.slot, None)
+        if not self.announced and all(w.ready for w in self.parent.workers.of(serving)):
+            self.announced = True  # the first generation is up: the proxy serves
+            fields = {
+                "address": format_address(self.parent.listeners[0].getsockname()),
+                "forward": str(serving.config.forward),
+                "workers": serving.config.workers,
+                "version": version,
+            }
+            log.info("listening", extra={"fields": fields})
+
+    def on_exit(self, worker: Worker, status: int) -> None:
+        parent = self.parent
+        if parent.stopping or worker.retiring:
+            log.info("worker exited", extra=_fields(worker, status=status))
+        elif parent.reloads.on_exit(worker, status):
+            pass  # a new worker of a reload: the reload failed
+        elif worker.ready:
+            log.error("worker died, restarting", extra=_fields(worker, status=status))
+            self.start(parent.generation, worker.slot)
+        else:
+            self.failed_start(worker.generation, worker.slot, status)
+
+    def failed_start(self, generation: Generation, slot: int, status: int | None) -> None:
+        """Try again after a pause, or stop when it failed BOOT_ATTEMPTS times in a row."""
+        parent = self.parent
+        if parent.reloads.failed_start(generation, slot, status) or parent.stopping:
+            return
+        self.failures[slot] = failures = self.failures.get(slot, 0) + 1
+        fields = {"worker": slot, "status": status, "attempts": failures}
+        if failures < BOOT_ATTEMPTS:
+            log.error("worker failed to start, trying again", extra={"fields": fields})
+            self.respawn_at[slot] = time.monotonic() + RESPAWN_DELAY
+            return
+        log.error("worker fails at every start, stopping", extra={"fields": fields})
+        parent.status = EXIT_BOOT_FAILED
+        parent.handle_term()
 
 
 class Reloads:
@@ -347,11 +350,9 @@ class Reloads:
             self.wanted = False
             log.error("reload failed, the running workers carry on", extra=_error(exc))
             return
-        current = parent.generation.config
-        changed = [n for n in RESTART_ONLY if getattr(config, n) != getattr(current, n)]
-        if changed:
+        reason = self._needs_restart(config)
+        if reason:
             self.wanted = False
-            reason = f"--{changed[0].replace('_', '-')} changed: that takes a restart"
             log.error("reload refused, the running workers carry on", extra=_error(reason))
             return
         if parent.workers.free_blocks() < config.workers:
@@ -364,8 +365,19 @@ class Reloads:
         self.pending = Generation(self.numbered, config, env)
         log.info("reloading", extra={"fields": {"generation": self.pending.number}})
         for slot in range(config.workers):
-            if parent.start(self.pending, slot) is None:
+            if parent.restarts.start(self.pending, slot) is None:
                 break
+
+    def _needs_restart(self, config: Config) -> str:
+        """Why ``config`` cannot be reloaded into, or an empty string."""
+        current = self.parent.generation.config
+        changed = [n for n in RESTART_ONLY if getattr(config, n) != getattr(current, n)]
+        if changed:
+            return f"--{changed[0].replace('_', '-')} changed: that takes a restart"
+        most = (self.parent.shared.capacity - 1) // 2  # room for the new and the old
+        if config.workers > most:
+            return f"--workers above {most} takes a restart"
+        return ""
 
     def on_ready(self, worker: Worker, version: str) -> None:
         new = self.pending

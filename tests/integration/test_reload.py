@@ -31,6 +31,7 @@ from tests.helpers import (
 )
 
 RELOAD_FAILED = "reload failed, the running workers carry on"
+RELOAD_REFUSED = "reload refused, the running workers carry on"
 NEW_WORKER_FAILED = "reload failed: a new worker did not start, the running workers carry on"
 #: Generous: a new worker is a fresh interpreter importing gevent, on a busy machine.
 RELOAD_TIMEOUT = 20.0
@@ -213,8 +214,9 @@ def test_bad_configuration_on_reload_keeps_the_workers_serving(
     2. The file gets a value that does not validate: SIGHUP logs "reload
        failed" naming the variable; no worker is started or stopped; a client
        is served.
-    3. The file sets what only a restart can change (the state file): "reload
-       refused"; then the file is removed: "reload failed".
+    3. The file sets what only a restart can change (the state file, more
+       workers than the shared statistics hold): "reload refused"; then the
+       file is removed: "reload failed".
     4. The file is made valid again: SIGHUP reloads, the new worker serves
        with the new value.
     5. The counts cover every client; SIGTERM exits 0.
@@ -231,8 +233,12 @@ def test_bad_configuration_on_reload_keeps_the_workers_serving(
 
         env_file.write_text(f"GEVENTPROXY_STATE_FILE={tmp_path / 'state.json'}\n")
         p.proc.send_signal(signal.SIGHUP)
-        refused = _wait_event(p, "reload refused, the running workers carry on")
+        refused = _wait_event(p, RELOAD_REFUSED)
         assert "--state-file changed" in refused["error"]
+        env_file.write_text("GEVENTPROXY_WORKERS=1000\n")  # more than the shared file holds
+        p.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(_events(p, RELOAD_REFUSED)) == 2)
+        assert "--workers above" in _events(p, RELOAD_REFUSED)[1]["error"]
         env_file.unlink()
         p.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: len(_events(p, "reload failed, the running workers carry on")) == 2)

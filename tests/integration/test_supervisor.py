@@ -11,7 +11,7 @@ import pytest
 
 from geventproxy.config import load
 from geventproxy.stats import Stats
-from geventproxy.workers import Supervisor
+from geventproxy.workers import Restarts, Supervisor
 from geventproxy.workerset import WorkerSet
 
 PARENT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
@@ -45,7 +45,7 @@ def test_an_error_while_stopping_still_writes_the_state_file_and_the_last_report
     state = tmp_path / "state.json"
     config = load(["-listen=127.0.0.1:0", f"-state-file={state}"], {})
     supervisor = Supervisor(config, {}, [])
-    monkeypatch.setattr(supervisor, "start", lambda generation, slot: None)
+    monkeypatch.setattr(Restarts, "start", lambda self, generation, slot: None)
 
     def turn() -> None:
         supervisor.shared.give(1)
