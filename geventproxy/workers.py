@@ -112,7 +112,7 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self.handlers = {
-            signal.SIGUSR1: self.report,
+            signal.SIGUSR1: self.handle_usr1,
             signal.SIGTERM: self.handle_term,
             signal.SIGINT: self.handle_term,
             signal.SIGCHLD: self.handle_chld,
@@ -197,6 +197,9 @@ class Supervisor:
             self.state_due = now + interval
 
     # -- the signals' work -------------------------------------------------------
+
+    def handle_usr1(self) -> None:
+        self.report()
 
     def handle_chld(self) -> None:
         for worker, status in self.workers.reap():

@@ -45,7 +45,6 @@ class Worker:
     slot: int
     block: int
     generation: Generation
-    started: float
     ready: bool = False
     retiring: bool = False
     killed: bool = False
@@ -112,8 +111,7 @@ class WorkerSet:
         pid = os.posix_spawn(
             sys.executable, argv, generation.env, file_actions=closed, setsigmask=HANDED_OVER
         )
-        now = time.monotonic()
-        worker = Worker(pid, slot, block, generation, now, kill_at=now + boot_timeout)
+        worker = Worker(pid, slot, block, generation, kill_at=time.monotonic() + boot_timeout)
         self._workers[pid] = worker
         return worker
 

@@ -218,6 +218,14 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+def worker_of(launched: Launched) -> int:
+    """The relay's process: the one worker under the proxy's parent (-workers=1)."""
+    kids = children_of(launched.pid)
+    if len(kids) != 1:
+        raise RuntimeError(f"expected one worker under pid {launched.pid}, found {kids}")
+    return kids[0]
+
+
 # -- the proxy's statistics -----------------------------------------------------
 
 
@@ -546,7 +554,7 @@ class Bench:
                     watch = None
                     if target == "proxy":
                         watch = self.start_proxy(stub_port)
-                        pid, port, proc = watch.launched.pid, watch.launched.port, None
+                        pid, port, proc = worker_of(watch.launched), watch.launched.port, None
                     else:
                         proc, port = self.start_haproxy(stub_port)
                         pid = proc.pid
@@ -645,9 +653,8 @@ class Bench:
                 results: dict[str, list[dict]] = {name: [] for name in watches}
                 for rnd in range(self.opts.runs):
                     for name, watch in watches.items():
-                        pid = watch.launched.pid
-                        kids = children_of(pid)
-                        cpu = {f"w{i}": k for i, k in enumerate(kids)} if kids else {"w0": pid}
+                        kids = children_of(watch.launched.pid)
+                        cpu = {f"w{i}": k for i, k in enumerate(kids)}
                         cpu["stub"] = stub.pid
                         res = self.run_load(watch.launched.port, scenario, cpu, [], watch)
                         results[name].append(res)
@@ -945,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         if loads:
             proxy = bench.start_proxy(stub_port)
             targets: dict[str, Any] = {"direct": (stub_port, {"stub": stub.pid}, None)}
-            cpu = {"proxy": proxy.launched.pid, "stub": stub.pid}
+            cpu = {"proxy": worker_of(proxy.launched), "stub": stub.pid}
             targets["proxy"] = (proxy.launched.port, cpu, proxy)
             if bench.haproxy:
                 hap, hap_port = bench.start_haproxy(stub_port)

@@ -1,4 +1,4 @@
-"""The parent's own unwind, run in this process with no worker started."""
+"""The parent process: its unwind (run in this process, no worker started), its imports."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from geventproxy.config import load
 from geventproxy.stats import Stats
 from geventproxy.workers import Restarts, Supervisor
 from geventproxy.workerset import WorkerSet
+from tests.helpers import proxy, worker_pid
 
 PARENT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 
@@ -62,3 +63,17 @@ def test_an_error_while_stopping_still_writes_the_state_file_and_the_last_report
     assert json.loads(state.read_text())["totals"]["connections_total"] == 1
     last = capfd.readouterr().out.splitlines()[-1]
     assert json.loads(last)["connections_total"] == 1
+
+
+def test_the_parent_loads_no_gevent(foo_port: int) -> None:
+    """The parent is a plain select loop: no gevent or greenlet extension is mapped
+    in it, while its worker, which serves, has them (so the check can see them)."""
+
+    def mapped(pid: int) -> str:
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read()
+
+    with proxy(foo_port) as p:
+        assert "/gevent/" in mapped(worker_pid(p)) and "greenlet" in mapped(worker_pid(p))
+        parent = mapped(p.proc.pid)
+        assert "/gevent/" not in parent and "greenlet" not in parent
