@@ -343,8 +343,9 @@ def test_hung_worker_is_killed_and_replaced(foo_port: int) -> None:
         os.kill(stuck, signal.SIGSTOP)
         hung = _wait_event(p, "worker hung, killing it", timeout=15)
         assert hung["pid"] == stuck
-        _wait_event(p, "worker ready", timeout=RELOAD_TIMEOUT, generation=1)
-        wait_until(lambda: worker_pids(p) and stuck not in worker_pids(p), timeout=RELOAD_TIMEOUT)
+        wait_until(lambda: len(_events(p, "worker ready")) == 2, timeout=RELOAD_TIMEOUT)
+        assert _events(p, "worker died, restarting")[0]["pid"] == stuck
+        assert stuck not in worker_pids(p)
         _client_ok(p.port)
         report = p.report()
         assert (report["msg_req"], report["connections_total"]) == (200, 2)
