@@ -47,6 +47,7 @@ class Config:
     connect_timeout: float = 5.0
     idle_timeout: float = 0.0
     fin_timeout: float = 1.0
+    client_fin_timeout: float = 5.0
     drain_timeout: float = 10.0
     max_line: int = DEFAULT_MAX_LINE
     strict: bool = False
@@ -189,6 +190,14 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "SECS",
         "once the upstream has closed its side, close the connection after this long "
         "without traffic (default 1s)",
+    ),
+    (
+        "client-fin-timeout",
+        _seconds,
+        "SECS",
+        "once the client has closed its side, wait this long without an upstream byte "
+        "for the replies it is still owed, then close (reason client_fin_timeout); "
+        "0 = wait for ever (default 5s)",
     ),
     (
         "drain-timeout",

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .stats import Stats
 
 __all__ = [
+    "ANSWERED",
+    "CLIENT_SENDING",
     "CLIENT_TO_UPSTREAM",
     "PARKED",
     "UPSTREAM_TO_CLIENT",
@@ -44,6 +46,8 @@ __all__ = [
 
 CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT = 0, 1
 PARKED = "parked"
+#: The upstream-to-client loop's outcome once every reply the client is owed is delivered.
+ANSWERED = "answered"
 
 # Why a direction ended, by direction: (source EOF, source error, destination error).
 _OUTCOMES = (
@@ -53,14 +57,25 @@ _OUTCOMES = (
 _RESETS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
-class Tally:
-    """What one connection moved, per direction; the idle sweeper watches it."""
+#: ``Tally.owed`` while the client may still send: more replies than any connection sees.
+CLIENT_SENDING = 1 << 62
 
-    __slots__ = ("bytes", "messages", "violation")
+
+class Tally:
+    """What one connection moved, per direction; the idle sweeper watches it.
+
+    ``lines`` counts complete lines, well-formed or not: a Foo server answers
+    every line it reads with one line, so once the client has half-closed,
+    the connection is done when ``lines[UPSTREAM_TO_CLIENT]`` reaches
+    ``owed``, the number of replies its requests call for.
+    """
+
+    __slots__ = ("bytes", "lines", "owed", "violation")
 
     def __init__(self) -> None:
         self.bytes = [0, 0]
-        self.messages = [0, 0]
+        self.lines = [0, 0]
+        self.owed = CLIENT_SENDING
         self.violation: bytes | None = None  # strict mode: the start of the offending line
 
 
@@ -173,10 +188,13 @@ def _copy(
     tally: Tally,
     bufsize: int,
 ) -> str:
-    """Copy ``src`` to ``dst`` until EOF, an error or a Park; return which.
+    """Copy ``src`` to ``dst`` until EOF, an error, a Park or ANSWERED; return which.
 
     On EOF the write side of ``dst`` is shut down, so the peer sees the
-    half-close and the other direction carries on.
+    half-close and the other direction carries on. ANSWERED ends the
+    upstream-to-client loop once the client has half-closed and the last
+    reply it is owed has been sent in full (the client-to-upstream loop has
+    returned by then, so the check never fires there).
     """
     eof, src_error, dst_error = _OUTCOMES[direction]
     wait_readable = hub.switch  # returns when ``readable`` fires (see relay())
@@ -184,7 +202,7 @@ def _copy(
     send = dst.send
     record = stats.record
     moved = tally.bytes
-    messages = tally.messages
+    lines = tally.lines
     while True:
         try:
             wait_readable()
@@ -215,13 +233,15 @@ def _copy(
         now = record(direction, n, counts)
         if now:
             on_messages(now, counts)
-            messages[direction] += counts[0] + counts[1] + counts[2]
+        lines[direction] += counts[0] + counts[1] + counts[2] + counts[3]
         # Wait for writability only if the kernel took less than the chunk.
         if sent < n:
             try:
                 _send_rest(hub, readable, writable, send, data, sent)
             except OSError as exc:
                 return dst_error if isinstance(exc, _RESETS) else "error"
+        if lines[UPSTREAM_TO_CLIENT] >= tally.owed:
+            return ANSWERED
 
 
 def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: int) -> str:
@@ -259,7 +279,7 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
             now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
             if now:  # counted before the rest is sent, as in _copy
                 d.on_messages(now, counts)
-            tally.messages[CLIENT_TO_UPSTREAM] += counts[0]
+            tally.lines[CLIENT_TO_UPSTREAM] += counts[0]
             if sent < len(good):
                 try:
                     _send_rest(hub, d.readable, d.writable, d.dst.send, good, sent)

@@ -235,9 +235,9 @@ class ProxyServer(StreamServer):
         self.connections.add(conn)
         stats.incr("connections_total")
         stats.incr("connections_active")
-        client_sock = _plain(client, self.send_buffer)
-        upstream = None
+        client_sock = upstream = None
         try:
+            client_sock = _plain(client, self.send_buffer)
             upstream = self._dial(conn)
             if upstream is not None:
                 self._relay(conn, client_sock, upstream)
@@ -246,7 +246,7 @@ class ProxyServer(StreamServer):
             stats.closed(conn.reason or "error")
             if upstream is not None:
                 upstream.close()
-            client_sock.close()
+            (client if client_sock is None else client_sock).close()
             self.connections.discard(conn)
             stats.incr("connections_active", -1)
 
@@ -326,8 +326,8 @@ class ProxyServer(StreamServer):
                         "duration_s": round(time.monotonic() - conn.started, 3),
                         "bytes_in": t.bytes[CLIENT_TO_UPSTREAM],
                         "bytes_out": t.bytes[UPSTREAM_TO_CLIENT],
-                        "msgs_in": t.messages[CLIENT_TO_UPSTREAM],
-                        "msgs_out": t.messages[UPSTREAM_TO_CLIENT],
+                        "lines_in": t.lines[CLIENT_TO_UPSTREAM],
+                        "lines_out": t.lines[UPSTREAM_TO_CLIENT],
                     }
                 },
             )
@@ -340,19 +340,33 @@ class ProxyServer(StreamServer):
         gevent.get_hub().resolver  # noqa: B018
         super().start()
         config = self.config
-        timeouts = [t for t in (config.idle_timeout, config.fin_timeout, self.park_after) if t > 0]
+        timeouts = [
+            t
+            for t in (
+                config.idle_timeout,
+                config.fin_timeout,
+                config.client_fin_timeout,
+                self.park_after,
+            )
+            if t > 0
+        ]
         if self._sweeper is None:
             tick = min(self.sweep_interval, max(0.02, min(timeouts, default=1.0) / 4))
             self._sweeper = gevent.spawn(self._sweep_forever, tick)
 
     def _sweep_forever(self, tick: float) -> None:
-        while True:
-            gevent.sleep(tick)
-            self.sweep(time.monotonic())
+        try:
+            while not (self.closed and not self.connections):
+                gevent.sleep(tick)
+                self.sweep(time.monotonic())
+        finally:
+            self._sweeper = None
 
     def sweep(self, now: float) -> None:
         """Close connections past their idle or half-closed deadline; park idle ones."""
-        idle_timeout, fin_timeout = self.config.idle_timeout, self.config.fin_timeout
+        config = self.config
+        idle_timeout, fin_timeout = config.idle_timeout, config.fin_timeout
+        client_fin_timeout = config.client_fin_timeout
         for conn in list(self.connections):
             if not conn.sockets:
                 continue  # still dialling: --connect-timeout is in charge
@@ -361,12 +375,25 @@ class ProxyServer(StreamServer):
                 conn.seen, conn.seen_at = moved, now
                 continue
             idle = now - conn.seen_at
-            if conn.upstream_eof and fin_timeout and idle >= fin_timeout:
+            if conn.client_eof and client_fin_timeout and idle >= client_fin_timeout:
+                conn.abort("client_fin_timeout")
+            elif conn.upstream_eof and fin_timeout and idle >= fin_timeout:
                 conn.abort("upstream_closed")
             elif idle_timeout and idle >= idle_timeout:
                 conn.abort("idle_timeout")
             elif idle >= self.park_after:
                 conn.park()
+
+    def close(self) -> None:
+        """Stop accepting for good, with the pending accept resume.
+
+        The sweeper goes on while connections remain (their timeouts still
+        hold during a drain) and ends by itself with the last of them.
+        """
+        super().close()
+        if self._resume_timer is not None:
+            self._resume_timer.close()
+            self._resume_timer = None
 
     def drain(self, timeout: float) -> int:
         """Stop accepting, let connections finish for ``timeout``, then close the rest.

@@ -50,11 +50,12 @@ WINDOWS_S = (1, 10)
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 MSG_KINDS = ("req", "ack", "nak", "invalid")  # the codec's Counts order
 CLOSE_REASONS = (
-    "client_closed",  # the client ended the connection (EOF after both directions finished)
+    "client_closed",  # the client half-closed and had every reply it was owed
     "upstream_closed",  # the upstream ended first; the client was then closed
     "client_reset",
     "upstream_reset",
     "idle_timeout",
+    "client_fin_timeout",  # the client half-closed; its owed replies did not come in time
     "strict_violation",
     "shutdown",  # closed by the drain deadline or a forced exit
     "upstream_unavailable",  # the upstream could not be dialled (failure or timeout)

@@ -107,6 +107,43 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (a worker supervisor and its workers)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass  # exited meanwhile
+    return found
+
+
+def open_fds(pid: int) -> int:
+    """Descriptors held by ``pid`` and its descendants, from /proc/PID/fd."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{member}/fd"))
+        except OSError:
+            pass
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` and its descendants, in KiB."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += rss_kib(member)
+        except (OSError, RuntimeError):
+            pass
+    return total
+
+
 # --- raw sockets, scripted upstreams, process probes ---------------------------------------
 
 #: Seconds any single socket operation in a test may block.

@@ -22,6 +22,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "connect-timeout": ("500ms", 0.5),
     "idle-timeout": ("2m", 120.0),
     "fin-timeout": ("3", 3.0),
+    "client-fin-timeout": ("2s", 2.0),
     "drain-timeout": ("1.5s", 1.5),
     "max-line": ("1024", 1024),
     "strict": ("yes", True),
