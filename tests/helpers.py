@@ -148,6 +148,10 @@ def tree_rss_kib(pid: int) -> int:
 
 #: Seconds any single socket operation in a test may block.
 IO_TIMEOUT = 5.0
+#: Seconds a busy machine (CI shares its two cores) may add to anything a test
+#: expects at once or at a deadline. A timing bound is meaningful only where the
+#: wrong behaviour takes clearly longer: a longer timeout set for the purpose, or never.
+SLACK = 3.0
 
 
 def connect(port: int, host: str = "127.0.0.1", timeout: float = IO_TIMEOUT) -> socket.socket:

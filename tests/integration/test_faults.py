@@ -22,6 +22,7 @@ import pytest
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     IO_TIMEOUT,
+    SLACK,
     Proxy,
     closed_port,
     connect,
@@ -94,7 +95,7 @@ def test_client_half_close_still_gets_every_reply() -> None:
 def test_upstream_half_close_client_can_still_send() -> None:
     """The upstream shuts its write side; the client may still send for --fin-timeout.
 
-    1. Start the proxy with --fin-timeout=1 in front of a scripted upstream.
+    1. Start the proxy with --fin-timeout=10 in front of a scripted upstream.
     2. The client sends a REQ; the upstream reads it, answers, and calls
        shutdown(SHUT_WR).
     3. The client reads the answer, then EOF.
@@ -105,7 +106,7 @@ def test_upstream_half_close_client_can_still_send() -> None:
        connection is closed at once (well before the fin timeout), counted as
        upstream_closed, since the upstream finished first.
     """
-    with scripted_upstream() as upstream, proxy(upstream.port, "--fin-timeout=1") as p:
+    with scripted_upstream() as upstream, proxy(upstream.port, "--fin-timeout=10") as p:
         with connect(p.port) as client:
             client.sendall(b"REQ 1 first\n")
             up = upstream.accept()
@@ -123,7 +124,7 @@ def test_upstream_half_close_client_can_still_send() -> None:
             client.shutdown(socket.SHUT_WR)
             assert recv_all(up) == b""
             report = _idle(p)
-            assert time.monotonic() - closed_at < 0.6
+            assert time.monotonic() - closed_at < SLACK
         assert report["connections_closed"]["upstream_closed"] == 1
         assert report["connections_closed"]["client_closed"] == 0
         assert report["msg_req"] == 2 and report["msg_ack"] == 1
@@ -150,7 +151,7 @@ def test_upstream_half_close_then_silent_client_closed_after_fin_timeout() -> No
             assert recv_all(client) == b"ACK 1 y\n"
             assert recv_all(up) == b""
             waited = time.monotonic() - half_closed
-            assert 0.4 <= waited <= 1.2, waited
+            assert 0.4 <= waited <= 0.5 + SLACK, waited
             report = _idle(p)
         assert report["connections_closed"]["upstream_closed"] == 1
 
@@ -179,7 +180,7 @@ def test_unreachable_upstream_closes_client_promptly(target: str) -> None:
     with proxy(None, forward=forward) as p:
         for _ in range(3):
             with connect(p.port) as client:
-                assert wait_closed(client) < 1.0
+                assert wait_closed(client) < SLACK
         report = _idle(p)
         assert report["upstream_connect_failures"] == 3
         assert report["upstream_connect_timeouts"] == 0
@@ -234,7 +235,7 @@ def test_black_holed_upstream_times_out() -> None:
         with proxy(port, "--connect-timeout=0.5") as p:
             with connect(p.port) as client:
                 waited = wait_closed(client)
-            assert 0.4 <= waited <= 1.5, waited
+            assert 0.4 <= waited <= 0.5 + SLACK, waited
             report = _idle(p)
             assert report["upstream_connect_timeouts"] == 1
             assert report["upstream_connect_failures"] == 0
@@ -277,7 +278,7 @@ def test_unanswered_name_lookup_is_bounded_by_connect_timeout() -> None:
         with proxy(None, *flags, forward="upstream.example.test:8001", env=env) as p:
             with connect(p.port) as client:
                 waited = wait_closed(client)
-            assert 0.4 <= waited <= 1.5, waited
+            assert 0.4 <= waited <= 0.5 + SLACK, waited
             assert dns.recv(512)
             report = _idle(p)
             assert report["upstream_connect_timeouts"] == 1
@@ -313,7 +314,7 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
                 server.send_signal(signal.SIGKILL)
                 server.wait(IO_TIMEOUT)
                 for client in clients:
-                    assert wait_closed(client) < 1.0
+                    assert wait_closed(client) < SLACK
                 report = _idle(p)
             finally:
                 for client in clients:
@@ -325,7 +326,7 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
             started = time.monotonic()
             result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
             assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
-            assert time.monotonic() - started < 3.0
+            assert time.monotonic() - started < 3.0 + SLACK
             assert p.proc.poll() is None
             _no_traceback(p)
     finally:
@@ -350,7 +351,7 @@ def test_client_reset_closes_upstream() -> None:
         assert recv_lines(up, 1) == [b"REQ 1 x\n"]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
-        assert wait_closed(up) < 1.0
+        assert wait_closed(up) < SLACK
         report = _idle(p)
         assert report["connections_closed"]["client_reset"] == 1
         _no_traceback(p)
@@ -380,7 +381,7 @@ def test_client_vanishes_while_upstream_streams() -> None:
         time.sleep(0.1)  # let unread data pile up in the client's receive buffer
         vanished = time.monotonic()
         client.close()
-        assert upstream.result() - vanished < 1.0
+        assert upstream.result() - vanished < SLACK
         report = _idle(p)
         assert report["connections_closed"]["client_reset"] == 1
         _no_traceback(p)
@@ -434,14 +435,14 @@ def test_parked_client_sides_wake_for_data_reset_and_half_close() -> None:
 
         b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         b.close()
-        assert wait_closed(up_b) < 1.0
+        assert wait_closed(up_b) < SLACK
 
         c.shutdown(socket.SHUT_WR)
         assert recv_all(up_c) == b""
         assert recv_all(c) == b""
 
         a.close()
-        assert wait_closed(up_a) < 1.0
+        assert wait_closed(up_a) < SLACK
         up_a.close()
         c.close()
         report = _idle(p)

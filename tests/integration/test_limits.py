@@ -14,6 +14,8 @@ import time
 
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
+    IO_TIMEOUT,
+    SLACK,
     Proxy,
     connect,
     cpu_seconds,
@@ -43,7 +45,7 @@ def test_max_connections_refuses_the_next_client_only(foo_port: int) -> None:
 
     1. Start the proxy with --max-connections=2.
     2. Two clients connect and each completes a request.
-    3. A third client connects: its connection is closed within 0.5 s.
+    3. A third client connects: its connection is closed at once.
     4. connections_refused is 1, and the log has one "limit reached" line.
     5. The first two clients complete another request each.
     6. One of them leaves: a new client is served again.
@@ -54,7 +56,7 @@ def test_max_connections_refuses_the_next_client_only(foo_port: int) -> None:
             _round_trip(first, 1)
             _round_trip(second, 1)
             with connect(p.port) as third:
-                assert wait_closed(third) < 0.5
+                assert wait_closed(third) < SLACK
             report = p.report()
             assert report["connections_refused"] == 1
             assert report["connections_active"] == 2
@@ -102,12 +104,13 @@ def test_idle_timeout_timing(foo_port: int) -> None:
 
     1. Start the proxy with --idle-timeout=0.5.
     2. A client completes a request, then waits.
-    3. Its connection is closed between 0.45 s and 0.9 s after the reply.
+    3. Its connection is closed no sooner than 0.45 s after the reply, and
+       not much later than 0.5 s (SLACK allows for a busy machine).
     """
     with proxy(foo_port, "--idle-timeout=0.5") as p, connect(p.port) as client:
         _round_trip(client, 1)
-        waited = wait_closed(client)
-        assert 0.45 <= waited <= 0.9, waited
+        waited = wait_closed(client, timeout=IO_TIMEOUT + SLACK)
+        assert 0.45 <= waited <= 0.5 + SLACK, waited
 
 
 def test_max_line_counts_long_line_invalid_and_forwards_it(foo_port: int) -> None:
@@ -133,6 +136,17 @@ def test_max_line_counts_long_line_invalid_and_forwards_it(foo_port: int) -> Non
 # --- 10. file descriptors -------------------------------------------------------------------
 
 NOFILE = 64
+#: The most of one CPU a waiting proxy may use. A loop that spins (retrying
+#: accept, or polling idle connections) takes a whole core when it can, and
+#: still half of one on a machine whose two cores are kept busy by others.
+IDLE_CPU_SHARE = 0.2
+
+
+def _cpu_share(p: Proxy, seconds: float = 2.0) -> float:
+    """The share of one CPU the proxy used over ``seconds`` of wall time."""
+    before, started = cpu_seconds(p.proc.pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(p.proc.pid) - before) / (time.monotonic() - started)
 
 
 def _poll_clients(clients: list[socket.socket]) -> tuple[set[int], set[int]]:
@@ -158,7 +172,7 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
     2. Open 80 clients, each sending one REQ: each proxied connection needs two
        descriptors, so at most ~29 can be served.
     3. accept_errors counts the failures; the proxy's CPU time over 1 s stays
-       under 0.1 s (it backs off instead of retrying accept() in a loop).
+       under IDLE_CPU_SHARE (it backs off instead of retrying accept() in a loop).
     4. Nothing is blamed on the upstream (upstream_connect_failures is 0: a
        descriptor missing for the upstream socket is the proxy's own shortage).
     5. The log has at most two "..., pausing" lines (rate-limited) naming the
@@ -177,10 +191,8 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
                 clients.append(client)
             report = report_when(p, lambda r: r["accept_errors"] >= 1)
             time.sleep(0.3)
-            before = cpu_seconds(p.proc.pid)
-            time.sleep(1.0)
-            spent = cpu_seconds(p.proc.pid) - before
-            assert spent < 0.1, f"{spent:.2f} s of CPU in 1 s while out of descriptors"
+            spent = _cpu_share(p)
+            assert spent < IDLE_CPU_SHARE, f"{spent:.0%} of a CPU while out of descriptors"
             answered, closed = _poll_clients(clients)
             report = p.report()
             print(f"out of descriptors: {len(answered)} served, {len(closed)} closed, {report}")
@@ -206,7 +218,7 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
                 answered.update(waiting[j] for j in now)
                 return len([i for i in waiting if i in answered]) >= min(5, len(waiting))
 
-            wait_until(newly_served, timeout=3.0)
+            wait_until(newly_served, timeout=3.0 + SLACK)
         _idle(p)
         result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
         assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
@@ -228,9 +240,9 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
     1. Start the proxy; measure the worst round trip of 100 ping-pong REQs.
     2. Open 1,000 connections that each complete one request, then go idle
        past the proxy's park delay (their client sides are parked).
-    3. The proxy uses under 0.1 s of CPU over 1 s while they sit idle.
-    4. The reference client prints OK within 5 s; 100 ping-pong REQs have no
-       round trip above 50 ms.
+    3. The proxy uses under IDLE_CPU_SHARE of a CPU while they sit idle.
+    4. The reference client prints OK within 5 s (plus SLACK); 100 ping-pong
+       REQs have no round trip above ten times the quiet worst case plus SLACK.
     5. All 1,000 send one more REQ at once: every one is answered.
     6. Close the 1,000: connections_active returns to 0.
     """
@@ -246,10 +258,8 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
                 assert recv_lines(client, 1) == [reply_for("REQ", 1, b"idle")]
             report_when(p, lambda r: r["connections_active"] == 1000, timeout=10)
             time.sleep(max(0.0, ProxyServer.park_after - 0.5))
-            before = cpu_seconds(p.proc.pid)
-            time.sleep(1.0)
-            spent = cpu_seconds(p.proc.pid) - before
-            assert spent < 0.1, f"{spent:.2f} s of CPU in 1 s with 1,000 idle connections"
+            spent = _cpu_share(p)
+            assert spent < IDLE_CPU_SHARE, f"{spent:.0%} of a CPU with 1,000 idle connections"
             started = time.monotonic()
             result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
             took = time.monotonic() - started
@@ -260,6 +270,6 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
                 assert recv_lines(client, 1) == [reply_for("REQ", 2, b"awake")]
         print(f"ping-pong worst: {quiet:.2f} ms alone, {busy:.2f} ms beside 1,000 idle")
         assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
-        assert took < 5.0
-        assert busy < 50.0
+        assert took < 5.0 + SLACK
+        assert busy < 10 * quiet + 1000 * SLACK
         report_when(p, lambda r: r["connections_active"] == 0, timeout=10)
