@@ -42,6 +42,7 @@ from .relay import (
     Tally,
     relay,
 )
+from .stats import CLIENT_CLOSED, ERROR, UPSTREAM_CLOSED
 
 if TYPE_CHECKING:
     from gevent.hub import Hub
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EOF_REASONS", "Connection"]
 
-EOF_REASONS = ("client_closed", "upstream_closed")
+EOF_REASONS = (CLIENT_CLOSED, UPSTREAM_CLOSED)
 
 
 class Connection:
@@ -114,7 +115,7 @@ class Connection:
         done = Event()
 
         def run_up() -> None:
-            outcome = "error"
+            outcome = ERROR
             try:
                 outcome = relay(hub, up, stats, self.tally, bufsize, self.ended)
             finally:
@@ -136,13 +137,13 @@ class Connection:
             # Normally both loops are over here. Should this greenlet be killed
             # instead, stop the client side before its watchers and sockets go.
             if not done.is_set():
-                self.abort(self.reason or "error")
+                self.abort(self.reason or ERROR)
                 up.readable.stop()
                 if self._up_greenlet is not None:
                     self._up_greenlet.kill()
             up.close()
             down.close()
-        return self.reason or self.first_eof or "error"
+        return self.reason or self.first_eof or ERROR
 
     def park(self) -> bool:
         """Give back the client side's greenlet if it only waits for the client."""
@@ -169,7 +170,7 @@ class Connection:
         if self.first_eof is None:
             self.first_eof = outcome
         self.seen_at = time.monotonic()  # --fin-timeout / --client-fin-timeout run from here
-        if outcome == "upstream_closed":
+        if outcome == UPSTREAM_CLOSED:
             self.upstream_eof = True
         else:
             self._client_done()
@@ -185,7 +186,7 @@ class Connection:
         # full. Waiting for the upstream with nothing owed (its watcher is active
         # only there, not in the middle of a send), it would wait for ever: end it.
         if tally.lines[UPSTREAM_TO_CLIENT] >= tally.owed and down.readable.active:
-            self.abort("client_closed")
+            self.abort(CLIENT_CLOSED)
 
     def abort(self, reason: str) -> None:
         """End both directions now; safe from a relay, the sweeper or the drain."""

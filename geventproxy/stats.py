@@ -29,7 +29,17 @@ from .codec import Counts
 
 __all__ = [
     "BUCKET_NS",
+    "CLIENT_CLOSED",
+    "CLIENT_FIN_TIMEOUT",
+    "CLIENT_RESET",
     "CLOSE_REASONS",
+    "ERROR",
+    "IDLE_TIMEOUT",
+    "SHUTDOWN",
+    "STRICT_VIOLATION",
+    "UPSTREAM_CLOSED",
+    "UPSTREAM_RESET",
+    "UPSTREAM_UNAVAILABLE",
     "COUNTERS",
     "DIRECTIONS",
     "GAUGES",
@@ -49,17 +59,29 @@ RING = 10_000  # buckets: 10 s, the longest window
 WINDOWS_S = (1, 10)
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 MSG_KINDS = ("req", "ack", "nak", "invalid")  # the codec's Counts order
+# Why a connection ended: each is a slot in the block and a label value on
+# /metrics. Code names them by these constants, never by a bare string.
+CLIENT_CLOSED = "client_closed"  # the client half-closed and had every reply it was owed
+UPSTREAM_CLOSED = "upstream_closed"  # the upstream ended first; the client was then closed
+CLIENT_RESET = "client_reset"
+UPSTREAM_RESET = "upstream_reset"
+IDLE_TIMEOUT = "idle_timeout"
+CLIENT_FIN_TIMEOUT = "client_fin_timeout"  # the client half-closed; owed replies never came
+STRICT_VIOLATION = "strict_violation"
+SHUTDOWN = "shutdown"  # closed by the drain deadline or a forced exit
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # the upstream could not be dialled
+ERROR = "error"  # any other socket error, or no descriptor left for the upstream
 CLOSE_REASONS = (
-    "client_closed",  # the client half-closed and had every reply it was owed
-    "upstream_closed",  # the upstream ended first; the client was then closed
-    "client_reset",
-    "upstream_reset",
-    "idle_timeout",
-    "client_fin_timeout",  # the client half-closed; its owed replies did not come in time
-    "strict_violation",
-    "shutdown",  # closed by the drain deadline or a forced exit
-    "upstream_unavailable",  # the upstream could not be dialled (failure or timeout)
-    "error",  # any other socket error, or no descriptor left for the upstream
+    CLIENT_CLOSED,
+    UPSTREAM_CLOSED,
+    CLIENT_RESET,
+    UPSTREAM_RESET,
+    IDLE_TIMEOUT,
+    CLIENT_FIN_TIMEOUT,
+    STRICT_VIOLATION,
+    SHUTDOWN,
+    UPSTREAM_UNAVAILABLE,
+    ERROR,
 )
 
 # Plain counters and gauges, one slot each, in report order.

@@ -68,17 +68,17 @@ def test_close_stops_the_resume_timer_and_the_sweeper_ends_with_the_last_connect
     proxy, _ = _proxy(upstream)
     try:
         client = _round_trip(proxy.server_port, 1)
-        assert proxy._sweeper is not None
+        assert proxy.sweeper.running
         proxy._pause_accepting(OSError(errno.EMFILE, "Too many open files"))
         assert proxy._resume_timer is not None
         proxy.close()
         assert proxy._resume_timer is None
         gevent.sleep(proxy.accept_retry_min * 3)
         assert proxy.closed
-        assert proxy._sweeper is not None  # one connection is still open
+        assert proxy.sweeper.running  # one connection is still open
         client.close()
         with gevent.Timeout(10):
-            while proxy._sweeper is not None:
+            while proxy.sweeper.running:
                 gevent.sleep(0.05)
         assert not proxy.connections
     finally:
@@ -93,7 +93,7 @@ def test_an_error_preparing_the_client_socket_still_closes_with_one_reason(
     3. The listener goes on: the next client is served.
     """
     proxy, stats = _proxy(upstream)
-    real_plain = server_module._plain
+    real_plain = server_module.plain_socket
     failures = [OSError(errno.EINVAL, "Invalid argument")]
 
     def flaky_plain(sock, send_buffer=None):
@@ -101,7 +101,7 @@ def test_an_error_preparing_the_client_socket_still_closes_with_one_reason(
             raise failures.pop()
         return real_plain(sock, send_buffer)
 
-    monkeypatch.setattr(server_module, "_plain", flaky_plain)
+    monkeypatch.setattr(server_module, "plain_socket", flaky_plain)
     try:
         first = gevent.socket.create_connection(("127.0.0.1", proxy.server_port), timeout=10)
         with gevent.Timeout(10):
