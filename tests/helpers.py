@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from geventproxy.testing import launch
+from geventproxy.testing.protocol import reply_for
 
 REPO_ROOT = launch.ROOT
 #: Seconds to wait for a subprocess to bind its socket and say so.
@@ -208,6 +209,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = IO_TIMEOUT, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def round_trip(client: socket.socket, seq: int, data: bytes = b"ping") -> None:
+    """One REQ, and its reply checked against the reference server's answer."""
+    client.sendall(b"REQ %d %s\n" % (seq, data))
+    assert recv_lines(client, 1) == [reply_for("REQ", seq, data)]
+
+
+def ping_pong_worst_ms(port: int, count: int = 100) -> float:
+    """Worst round trip, in ms, of ``count`` one-at-a-time REQs on one connection."""
+    worst = 0.0
+    with connect(port) as client:
+        for seq in range(1, count + 1):
+            started = time.perf_counter()
+            round_trip(client, seq)
+            worst = max(worst, time.perf_counter() - started)
+    return worst * 1000
+
+
+def idle_report(p: Proxy, timeout: float = IO_TIMEOUT) -> dict:
+    """The first report with no connection left open."""
+    return report_when(p, lambda r: r["connections_active"] == 0, timeout)
 
 
 def report_when(p: Proxy, check: Callable[[dict], bool], timeout: float = IO_TIMEOUT) -> dict:

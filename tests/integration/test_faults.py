@@ -27,12 +27,12 @@ from tests.helpers import (
     closed_port,
     connect,
     foo_server,
+    idle_report,
     pattern,
     pattern_digest,
     proxy,
     recv_all,
     recv_lines,
-    report_when,
     rss_kib,
     run_foo_client,
     scripted_upstream,
@@ -41,11 +41,6 @@ from tests.helpers import (
     stop_process,
     wait_closed,
 )
-
-
-def _idle(p: Proxy) -> dict:
-    """The first report with no connection left open."""
-    return report_when(p, lambda r: r["connections_active"] == 0)
 
 
 def _no_traceback(p: Proxy) -> None:
@@ -85,7 +80,7 @@ def test_client_half_close_still_gets_every_reply() -> None:
             replies = recv_all(client).splitlines(keepends=True)
         assert upstream.result() == requests
         assert replies == [reply_for("REQ", seq, b"data%d" % seq) for seq in range(1, 51)]
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["client_closed"] == 1
         assert report["msg_req"] == 50
         assert report["msg_ack"] + report["msg_nak"] == 50
@@ -123,7 +118,7 @@ def test_upstream_half_close_client_can_still_send() -> None:
             closed_at = time.monotonic()
             client.shutdown(socket.SHUT_WR)
             assert recv_all(up) == b""
-            report = _idle(p)
+            report = idle_report(p)
             assert time.monotonic() - closed_at < SLACK
         assert report["connections_closed"]["upstream_closed"] == 1
         assert report["connections_closed"]["client_closed"] == 0
@@ -152,7 +147,7 @@ def test_upstream_half_close_then_silent_client_closed_after_fin_timeout() -> No
             assert recv_all(up) == b""
             waited = time.monotonic() - half_closed
             assert 0.4 <= waited <= 0.5 + SLACK, waited
-            report = _idle(p)
+            report = idle_report(p)
         assert report["connections_closed"]["upstream_closed"] == 1
 
 
@@ -181,7 +176,7 @@ def test_unreachable_upstream_closes_client_promptly(target: str) -> None:
         for _ in range(3):
             with connect(p.port) as client:
                 assert wait_closed(client) < SLACK
-        report = _idle(p)
+        report = idle_report(p)
         assert report["upstream_connect_failures"] == 3
         assert report["upstream_connect_timeouts"] == 0
         assert report["connections_total"] == 3
@@ -236,7 +231,7 @@ def test_black_holed_upstream_times_out() -> None:
             with connect(p.port) as client:
                 waited = wait_closed(client)
             assert 0.4 <= waited <= 0.5 + SLACK, waited
-            report = _idle(p)
+            report = idle_report(p)
             assert report["upstream_connect_timeouts"] == 1
             assert report["upstream_connect_failures"] == 0
             assert report["connections_closed"]["upstream_unavailable"] == 1
@@ -280,7 +275,7 @@ def test_unanswered_name_lookup_is_bounded_by_connect_timeout() -> None:
                 waited = wait_closed(client)
             assert 0.4 <= waited <= 0.5 + SLACK, waited
             assert dns.recv(512)
-            report = _idle(p)
+            report = idle_report(p)
             assert report["upstream_connect_timeouts"] == 1
             assert report["upstream_connect_failures"] == 0
             p.wait_log("upstream connect timed out")
@@ -315,7 +310,7 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
                 server.wait(IO_TIMEOUT)
                 for client in clients:
                     assert wait_closed(client) < SLACK
-                report = _idle(p)
+                report = idle_report(p)
             finally:
                 for client in clients:
                     client.close()
@@ -352,7 +347,7 @@ def test_client_reset_closes_upstream() -> None:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         assert wait_closed(up) < SLACK
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["client_reset"] == 1
         _no_traceback(p)
 
@@ -382,7 +377,7 @@ def test_client_vanishes_while_upstream_streams() -> None:
         vanished = time.monotonic()
         client.close()
         assert upstream.result() - vanished < SLACK
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["client_reset"] == 1
         _no_traceback(p)
 
@@ -445,7 +440,7 @@ def test_parked_client_sides_wake_for_data_reset_and_half_close() -> None:
         assert wait_closed(up_a) < SLACK
         up_a.close()
         c.close()
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["client_reset"] == 1
         assert report["connections_closed"]["client_closed"] == 2
         _no_traceback(p)
@@ -514,7 +509,7 @@ def test_slow_reader_backpressure_bounded_memory(record_property) -> None:
         assert peak - baseline < RSS_GROWTH_LIMIT_KIB
         assert total == PUSH_CHUNKS * 65536
         assert digest == pattern_digest(PUSH_CHUNKS)
-        assert _idle(p)["bytes_upstream_to_client"] == total
+        assert idle_report(p)["bytes_upstream_to_client"] == total
 
 
 def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:

@@ -29,6 +29,7 @@ from tests.helpers import (
     Proxy,
     ScriptedUpstream,
     connect,
+    ping_pong_worst_ms,
     proxy,
     recv_all,
     recv_lines,
@@ -255,18 +256,6 @@ def test_hostile_bytes_forwarded_untouched(
     assert growth < RSS_GROWTH_LIMIT_KIB, growth
 
 
-def _ping_pong_worst_ms(port: int, count: int = 100) -> float:
-    """Worst round trip, in ms, of ``count`` one-at-a-time REQs on one connection."""
-    worst = 0.0
-    with connect(port) as client:
-        for seq in range(1, count + 1):
-            started = time.perf_counter()
-            client.sendall(b"REQ %d probe\n" % seq)
-            assert recv_lines(client, 1) == [_reply_for("REQ", seq, b"probe")]
-            worst = max(worst, time.perf_counter() - started)
-    return worst * 1000
-
-
 def test_hostile_traffic_does_not_disturb_a_well_formed_client(
     sink: Sink, hostile_proxy: Proxy
 ) -> None:
@@ -281,7 +270,7 @@ def test_hostile_traffic_does_not_disturb_a_well_formed_client(
        forwarded (the upstream fingerprints match).
     """
     p = hostile_proxy
-    quiet = _ping_pong_worst_ms(p.port)
+    quiet = ping_pong_worst_ms(p.port)
     payloads = [HOSTILE[name]()[0] for name in HOSTILE]
     stop, sent, errors = threading.Event(), [], []
 
@@ -302,7 +291,7 @@ def test_hostile_traffic_does_not_disturb_a_well_formed_client(
     try:
         time.sleep(0.2)
         result = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=4")
-        loaded = _ping_pong_worst_ms(p.port)
+        loaded = ping_pong_worst_ms(p.port)
     finally:
         stop.set()
         for sender in senders:

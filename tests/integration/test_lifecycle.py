@@ -24,6 +24,7 @@ from tests.helpers import (
     IO_TIMEOUT,
     Proxy,
     connect,
+    idle_report,
     open_fds,
     proxy,
     recv_all,
@@ -59,8 +60,7 @@ def settled_proxy(foo_port: int, *args: str) -> Iterator[tuple[Proxy, int]]:
 
 
 def settle(p: Proxy) -> dict:
-    """The first report with no connection open."""
-    return report_when(p, lambda r: r["connections_active"] == 0, timeout=SETTLE_TIMEOUT)
+    return idle_report(p, SETTLE_TIMEOUT)
 
 
 def assert_back_to(p: Proxy, fds: int) -> dict:

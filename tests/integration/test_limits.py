@@ -19,23 +19,16 @@ from tests.helpers import (
     Proxy,
     connect,
     cpu_seconds,
+    idle_report,
+    ping_pong_worst_ms,
     proxy,
     recv_lines,
     report_when,
+    round_trip,
     run_foo_client,
     wait_closed,
     wait_until,
 )
-
-
-def _round_trip(client: socket.socket, seq: int, data: bytes = b"ping") -> None:
-    client.sendall(b"REQ %d %s\n" % (seq, data))
-    assert recv_lines(client, 1) == [reply_for("REQ", seq, data)]
-
-
-def _idle(p: Proxy) -> dict:
-    return report_when(p, lambda r: r["connections_active"] == 0)
-
 
 # --- 9. --max-connections, --idle-timeout, --max-line ---------------------------------------
 
@@ -53,19 +46,19 @@ def test_max_connections_refuses_the_next_client_only(foo_port: int) -> None:
     with proxy(foo_port, "--max-connections=2") as p:
         first, second = connect(p.port), connect(p.port)
         with first, second:
-            _round_trip(first, 1)
-            _round_trip(second, 1)
+            round_trip(first, 1)
+            round_trip(second, 1)
             with connect(p.port) as third:
                 assert wait_closed(third) < SLACK
             report = p.report()
             assert report["connections_refused"] == 1
             assert report["connections_active"] == 2
             assert p.wait_log("limit reached")
-            _round_trip(first, 2)
-            _round_trip(second, 2)
-        _idle(p)
+            round_trip(first, 2)
+            round_trip(second, 2)
+        idle_report(p)
         with connect(p.port) as fourth:
-            _round_trip(fourth, 1)
+            round_trip(fourth, 1)
         assert p.report()["connections_refused"] == 1
 
 
@@ -82,19 +75,19 @@ def test_idle_timeout_closes_only_the_idle_connection(foo_port: int) -> None:
     with proxy(foo_port, "--idle-timeout=0.5") as p:
         idle, active = connect(p.port), connect(p.port)
         with idle, active:
-            _round_trip(idle, 1)
-            _round_trip(active, 1)
+            round_trip(idle, 1)
+            round_trip(active, 1)
             last_traffic = time.monotonic()
             for seq in range(2, 14):
                 time.sleep(0.1)
-                _round_trip(active, seq)
+                round_trip(active, seq)
                 if seq == 10:  # 0.9 s in: the idle one must be gone by now
                     assert p.report()["connections_closed"]["idle_timeout"] == 1
             assert wait_closed(idle, timeout=0.01) >= 0  # already closed
             idle_for = p.wait_log("reason=idle_timeout")
             assert "duration_s=" in idle_for
             assert time.monotonic() - last_traffic >= 1.2
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["idle_timeout"] == 1
         assert report["connections_closed"]["client_closed"] == 1
 
@@ -108,7 +101,7 @@ def test_idle_timeout_timing(foo_port: int) -> None:
        not much later than 0.5 s (SLACK allows for a busy machine).
     """
     with proxy(foo_port, "--idle-timeout=0.5") as p, connect(p.port) as client:
-        _round_trip(client, 1)
+        round_trip(client, 1)
         waited = wait_closed(client, timeout=IO_TIMEOUT + SLACK)
         assert 0.45 <= waited <= 0.5 + SLACK, waited
 
@@ -127,7 +120,7 @@ def test_max_line_counts_long_line_invalid_and_forwards_it(foo_port: int) -> Non
         with connect(p.port) as client:
             client.sendall(b"REQ 1 %s\nREQ 2 %s\n" % (short, long))
             assert recv_lines(client, 2) == [reply_for("REQ", 1, short), reply_for("REQ", 2, long)]
-        report = _idle(p)
+        report = idle_report(p)
         assert report["msg_req_client_to_upstream"] == 1
         assert report["msg_invalid_client_to_upstream"] == 1
         assert report["bytes_client_to_upstream"] == 300
@@ -219,19 +212,9 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
                 return len([i for i in waiting if i in answered]) >= min(5, len(waiting))
 
             wait_until(newly_served, timeout=3.0 + SLACK)
-        _idle(p)
+        idle_report(p)
         result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
         assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
-
-
-def _ping_pong_worst_ms(port: int, count: int = 100) -> float:
-    worst = 0.0
-    with connect(port) as client:
-        for seq in range(1, count + 1):
-            started = time.perf_counter()
-            _round_trip(client, seq)
-            worst = max(worst, time.perf_counter() - started)
-    return worst * 1000
 
 
 def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) -> None:
@@ -249,7 +232,7 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
     from geventproxy.server import ProxyServer
 
     with proxy(foo_port) as p:
-        quiet = _ping_pong_worst_ms(p.port)
+        quiet = ping_pong_worst_ms(p.port)
         with contextlib.ExitStack() as stack:
             idle = [stack.enter_context(connect(p.port)) for _ in range(1000)]
             for client in idle:
@@ -263,7 +246,7 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
             started = time.monotonic()
             result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
             took = time.monotonic() - started
-            busy = _ping_pong_worst_ms(p.port)
+            busy = ping_pong_worst_ms(p.port)
             for client in idle:
                 client.sendall(b"REQ 2 awake\n")
             for client in idle:

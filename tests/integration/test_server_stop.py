@@ -45,7 +45,7 @@ def _report(stats: Stats) -> dict:
     return snapshot([stats.block], stats.clock())
 
 
-def _round_trip(port: int, seq: int) -> gevent.socket.socket:
+def _served_client(port: int, seq: int) -> gevent.socket.socket:
     client = gevent.socket.create_connection(("127.0.0.1", port), timeout=10)
     client.sendall(b"REQ %d x\n" % seq)
     reply = b""
@@ -67,7 +67,7 @@ def test_close_stops_the_resume_timer_and_the_sweeper_ends_with_the_last_connect
     """
     proxy, _ = _proxy(upstream)
     try:
-        client = _round_trip(proxy.server_port, 1)
+        client = _served_client(proxy.server_port, 1)
         assert proxy.sweeper.running
         proxy._pause_accepting(OSError(errno.EMFILE, "Too many open files"))
         assert proxy._resume_timer is not None
@@ -108,7 +108,7 @@ def test_an_error_preparing_the_client_socket_still_closes_with_one_reason(
             assert first.recv(1024) == b""  # closed by the proxy
             while _report(stats)["connections_closed"]["error"] != 1:
                 gevent.sleep(0.02)
-        second = _round_trip(proxy.server_port, 2)
+        second = _served_client(proxy.server_port, 2)
         second.close()
         with gevent.Timeout(10):
             while _report(stats)["connections_active"]:

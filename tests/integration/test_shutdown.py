@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     IO_TIMEOUT,
     REPO_ROOT,
@@ -29,6 +28,7 @@ from tests.helpers import (
     proxy_listening,
     recv_lines,
     report_when,
+    round_trip,
     run_foo_client,
     scripted_upstream,
     spawn_proxy,
@@ -39,11 +39,6 @@ from tests.helpers import (
     wait_exit,
     wait_until,
 )
-
-
-def _round_trip(client: socket.socket, seq: int) -> None:
-    client.sendall(b"REQ %d hello\n" % seq)
-    assert recv_lines(client, 1) == [reply_for("REQ", seq, b"hello")]
 
 
 def _refused(port: int) -> bool:
@@ -77,11 +72,11 @@ def test_sigterm_drains_an_open_conversation_then_exits_zero(foo_port: int) -> N
     p = start_proxy(foo_port, "--drain-timeout=30")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             p.proc.send_signal(signal.SIGTERM)
             wait_until(lambda: _refused(p.port), timeout=0.5)
             for seq in range(2, 6):
-                _round_trip(client, seq)
+                round_trip(client, seq)
             assert p.proc.poll() is None
             closed_at = time.monotonic()
         assert wait_exit(p) == 0
@@ -107,7 +102,7 @@ def test_drain_timeout_closes_a_lingering_connection(foo_port: int) -> None:
     p = start_proxy(foo_port, "--drain-timeout=1")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             p.proc.send_signal(signal.SIGTERM)
             waited = wait_closed(client, timeout=IO_TIMEOUT + SLACK)
         assert 0.8 <= waited <= 1.0 + SLACK, waited
@@ -131,7 +126,7 @@ def test_second_sigterm_exits_at_once(foo_port: int) -> None:
     p = start_proxy(foo_port, "--drain-timeout=30")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             p.proc.send_signal(signal.SIGTERM)
             p.wait_log("draining")
             forced_at = time.monotonic()
@@ -278,7 +273,7 @@ def test_sigusr1_during_drain_and_exit_never_kills(foo_port: int) -> None:
     p = start_proxy(foo_port, "--drain-timeout=1")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             done, sent = threading.Event(), []
             p.proc.send_signal(signal.SIGTERM)
             blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
@@ -366,7 +361,7 @@ def test_log_connections_false_drops_open_and_close_lines(foo_port: int) -> None
     p = start_proxy(foo_port, "--log-connections=false")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
         report_when(p, lambda r: r["connections_active"] == 0)
         p.proc.send_signal(signal.SIGTERM)
         assert wait_exit(p) == 0
