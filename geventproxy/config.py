@@ -58,6 +58,7 @@ class Config:
     state_file: str | None = None
     state_interval: float = 60.0
     health_interval: float = 2.0
+    report_interval: float = 0.0
 
 
 def parse_address(text: str, *, allow_any_host: bool, allow_port_zero: bool) -> Address:
@@ -234,7 +235,8 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "admin",
         _admin_address,
         "ADDR",
-        "serve /metrics, /stats and /healthz over HTTP on this address (default off)",
+        "serve the live page (/), /history, /metrics, /stats and /healthz over HTTP "
+        "on this address (default off)",
     ),
     ("state-file", str, "PATH", "keep the totals here across restarts (default none)"),
     (
@@ -248,6 +250,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         _seconds,
         "SECS",
         "how often /healthz re-checks that the upstream accepts connections (default 2s)",
+    ),
+    (
+        "report-interval",
+        _seconds,
+        "SECS",
+        "also print the statistics line (as on USR1) every SECS; 0 = only on USR1 "
+        "and at exit (default 0)",
     ),
 )
 
@@ -273,6 +282,10 @@ statistics (the JSON object; the README says more of each):
   latency_p50_ms, latency_p90_ms, latency_p99_ms  upstream response time, last 10 s
   latency_count, latency_unmatched, latency_dropped
   uptime_s
+
+commands:
+  geventproxy top ADMIN_ADDR  live terminal view of a proxy's -admin endpoint
+                              (the same figures as the page at http://ADMIN_ADDR/)
 
 every flag can also be set as GEVENTPROXY_<FLAG> in the environment,
 e.g. GEVENTPROXY_FORWARD=db1:8001 GEVENTPROXY_IDLE_TIMEOUT=300

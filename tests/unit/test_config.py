@@ -33,6 +33,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "state-file": ("/var/lib/geventproxy/state.json", "/var/lib/geventproxy/state.json"),
     "state-interval": ("10s", 10.0),
     "health-interval": ("250ms", 0.25),
+    "report-interval": ("30s", 30.0),
 }
 REQUIRED_FIELDS = (
     "msg_total",
