@@ -20,9 +20,10 @@ const CHARTS = [
     title: "Requests and responses per second",
     wide: true,
     series: [
-      // Replies follow requests closely: a wide pale line under a thin dark one keeps both visible.
-      { key: "requests_per_s", label: "requests/s", color: "#60a5fa", width: 5 },
-      { key: "responses_per_s", label: "responses/s", color: "#166534", width: 1.5 },
+      // Responses follow requests closely: requests as a shaded area, responses as a dark
+      // line over it, so that both stay visible where they coincide.
+      { key: "requests_per_s", label: "requests/s", color: "#3b82f6", width: 2, area: true },
+      { key: "responses_per_s", label: "responses/s", color: "#111827", width: 1.5, dash: "5 3" },
     ],
     format: (v) => fmtNumber(v, 1),
   },
@@ -300,24 +301,35 @@ function drawChart(chart, samples) {
   for (const series of chart.series) {
     // A missing value or a missed second (the proxy was busy, or restarting) is a gap.
     let d = "";
+    let area = "";
     let prev = null;
     const points = [];
+    const close = () => (prev === null ? "" : `L${x(prev.t).toFixed(1)},${y(0)}Z`);
     for (const s of shown) {
       const v = s[series.key];
       points.push([s.seq, v]);
       if (v === null || v === undefined) {
+        area += close();
         prev = null;
         continue;
       }
       const joined = prev !== null && s.t - prev.t < 2.5;
-      d += `${joined ? "L" : "M"}${x(s.t).toFixed(1)},${y(v * scale).toFixed(1)}`;
+      const xy = `${x(s.t).toFixed(1)},${y(v * scale).toFixed(1)}`;
+      if (!joined) area += close() + `M${x(s.t).toFixed(1)},${y(0)}`;
+      area += "L" + xy;
+      d += (joined ? "L" : "M") + xy;
       prev = s;
+    }
+    area += close();
+    if (series.area && area) {
+      svg.append(el("svg:path", { class: "area", d: area, fill: series.color, "fill-opacity": 0.25 }));
     }
     const path = el("svg:path", {
       class: "line",
       d: d || "M0,0",
       stroke: series.color,
       "stroke-width": series.width || 2,
+      "stroke-dasharray": series.dash,
       "data-series": series.key,
       "data-points": JSON.stringify(points),
     });
