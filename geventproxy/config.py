@@ -131,6 +131,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+#: The shortest --report-interval: a line of about 1.5 KiB and a snapshot every 100 ms at most.
+MIN_REPORT_INTERVAL = 0.1
+
+
+def _report_interval(text: str) -> float:
+    value = _seconds(text)
+    if 0 < value < MIN_REPORT_INTERVAL:
+        raise ConfigError(f"{text!r}: use 0 (off) or at least {MIN_REPORT_INTERVAL * 1000:.0f}ms")
+    return value
+
+
 def _boolean(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -253,7 +264,7 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ),
     (
         "report-interval",
-        _seconds,
+        _report_interval,
         "SECS",
         "also print the statistics line (as on USR1) every SECS; 0 = only on USR1 "
         "and at exit (default 0)",

@@ -226,7 +226,7 @@ class _Supervisor:
                 wake.append(deadline - time.monotonic())
             if self.respawn_at:
                 wake.append(min(self.respawn_at.values()) - time.monotonic())
-            if config.report_interval and not self.stopping:
+            if config.report_interval:  # during the drain too: it shows the connections going
                 wake.append(self.report_due - time.monotonic())
             timeout = max(0.0, min(wake))
             try:
@@ -268,7 +268,7 @@ class _Supervisor:
                     self._reap(listener)
             if not self.stopping:
                 self._respawn_due(listener)
-                self._report_due()
+            self._report_due()
             if (
                 config.state_file
                 and config.state_interval

@@ -141,6 +141,8 @@ def test_admin_and_listen_may_both_take_a_free_port() -> None:
         ["-log-format=xml"],
         ["-workers=0"],
         ["-admin=:8002"],  # the same as the default -listen
+        ["-report-interval=10ms"],  # a line every 10 ms is a flood, not a report
+        ["-report-interval=-1s"],
         ["-no-such-flag"],
         ["-listen"],
         ["stray"],
