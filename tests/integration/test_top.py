@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -35,6 +36,7 @@ class Tmux:
     def __init__(self) -> None:
         self.socket = f"geventproxy-test-{os.getpid()}-{next(_servers)}"
         self.env = subprocess_env() | {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        self.socket_path = ""
 
     def run(self, *args: str) -> str:
         done = subprocess.run(
@@ -50,6 +52,7 @@ class Tmux:
     def start(self, command: str, width: int, height: int) -> None:
         self.run("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height), command)
         self.run("set-option", "-t", "top", "remain-on-exit", "on")
+        self.socket_path = self.run("display-message", "-p", "#{socket_path}").strip()
 
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-t", "top")
@@ -80,6 +83,9 @@ class Tmux:
     def kill(self) -> None:
         command = ["tmux", "-L", self.socket, "kill-server"]
         subprocess.run(command, env=self.env, capture_output=True, timeout=10)
+        if self.socket_path:  # tmux leaves its socket file behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
 
 
 @pytest.fixture()
