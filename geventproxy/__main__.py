@@ -1,4 +1,4 @@
-"""geventproxy command line: argv -> Config -> run."""
+"""geventproxy command line: argv -> Config -> run; `geventproxy top ADDR`, the terminal view."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .config import ConfigError, load
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["top"]:  # geventproxy top ADMIN_ADDR: the terminal view
+        from .top import main as top
+
+        return top(args[1:])
     try:
-        config = load(sys.argv[1:] if argv is None else argv, os.environ)
+        config = load(args, os.environ)
     except ConfigError as exc:
         print(f"geventproxy: error: {exc} (see --help)", file=sys.stderr)
         return 2

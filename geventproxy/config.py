@@ -59,6 +59,7 @@ class Config:
     state_file: str | None = None
     state_interval: float = 60.0
     health_interval: float = 2.0
+    report_interval: float = 0.0
 
 
 def parse_address(text: str, *, allow_any_host: bool, allow_port_zero: bool) -> Address:
@@ -128,6 +129,17 @@ def _seconds(text: str) -> float:
         raise ConfigError(f"{text!r} is not a number of seconds") from None
     if not value >= 0 or value == float("inf"):
         raise ConfigError(f"{text!r}: seconds must be zero or more")
+    return value
+
+
+#: The shortest --report-interval: a line of about 1.5 KiB and a snapshot every 100 ms at most.
+MIN_REPORT_INTERVAL = 0.1
+
+
+def _report_interval(text: str) -> float:
+    value = _seconds(text)
+    if 0 < value < MIN_REPORT_INTERVAL:
+        raise ConfigError(f"{text!r}: use 0 (off) or at least {MIN_REPORT_INTERVAL * 1000:.0f}ms")
     return value
 
 
@@ -243,7 +255,8 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "admin",
         _admin_address,
         "ADDR",
-        "serve /metrics, /stats and /healthz over HTTP on this address (default off)",
+        "serve the live page (/), /history, /metrics, /stats and /healthz over HTTP "
+        "on this address (default off)",
     ),
     ("state-file", str, "PATH", "keep the totals here across restarts (default none)"),
     (
@@ -257,6 +270,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         _seconds,
         "SECS",
         "how often /healthz re-checks that the upstream accepts connections (default 2s)",
+    ),
+    (
+        "report-interval",
+        _report_interval,
+        "SECS",
+        "also print the statistics line (as on USR1) every SECS; 0 = only on USR1 "
+        "and at exit (default 0)",
     ),
 )
 
@@ -282,6 +302,10 @@ statistics (the JSON object; the README says more of each):
   latency_p50_ms, latency_p90_ms, latency_p99_ms  upstream response time, last 10 s
   latency_count, latency_unmatched, latency_dropped
   uptime_s
+
+commands:
+  geventproxy top ADMIN_ADDR  live terminal view of a proxy's -admin endpoint
+                              (the same figures as the page at http://ADMIN_ADDR/)
 
 every flag can also be set as GEVENTPROXY_<FLAG> in the environment,
 e.g. GEVENTPROXY_FORWARD=db1:8001 GEVENTPROXY_IDLE_TIMEOUT=300

@@ -4,6 +4,8 @@ One writer greenlet owns stdout, so two reports never interleave. The
 write itself runs in gevent's thread pool: a stdout pipe that nobody reads
 then stalls the reporter, never the event loop. Requests that arrive while
 a report is being written are coalesced (signals coalesce anyway).
+``every`` adds requests on a clock (--report-interval) through the same
+writer, so a periodic line and a USR1 line never interleave either.
 """
 
 from __future__ import annotations
@@ -74,6 +76,20 @@ class Reporter:
         self._idle = Event()
         self._idle.set()
         self._greenlet = gevent.spawn(self._run)
+        self._ticker: gevent.Greenlet | None = None
+
+    def every(self, interval: float) -> None:
+        """Also request a report every ``interval`` seconds, on a fixed grid of the clock."""
+        self._ticker = gevent.spawn(self._tick, interval)
+
+    def _tick(self, interval: float) -> None:
+        due = time.monotonic() + interval
+        while True:
+            gevent.sleep(max(0.0, due - time.monotonic()))
+            self.request()
+            now = time.monotonic()
+            while due <= now:  # a late wake-up skips what it missed instead of bursting
+                due += interval
 
     def request(self) -> None:
         """Ask for a report. Safe from a signal callback: it only sets a flag."""
@@ -101,6 +117,8 @@ class Reporter:
 
     def final(self, timeout: float = 2.0) -> bool:
         """Write one last report: the loop is about to end. False if stdout would not take it."""
+        if self._ticker is not None:
+            self._ticker.kill(block=False)
         self.flush(timeout)
         self._greenlet.kill(block=False)
         return write_line(self.fd, render(self.snapshot()), timeout)

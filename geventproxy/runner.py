@@ -25,6 +25,7 @@ from gevent.event import Event
 from . import __version__, signals
 from .admin import AdminServer, serve
 from .config import Config
+from .history import History, HistoryBlock, Sampler
 from .logs import LOGGER, setup
 from .report import Reporter
 from .server import ProxyServer, format_address, open_listener
@@ -62,6 +63,7 @@ def run(
     worker: int | None = None,
     all_blocks: list[Block] | None = None,
     admin_listener: socket.socket | None = None,
+    history_block: HistoryBlock | None = None,
 ) -> int:
     """Serve until TERM/INT; the exit status.
 
@@ -69,7 +71,8 @@ def run(
     INT, the reports and the state file: this process serves, drains on
     TERM, and serves the admin endpoint if it is handed ``admin_listener``.
     ``all_blocks`` are the blocks a report sums (every worker's, and the
-    saved totals).
+    saved totals). ``history_block`` is the live page's ring, if the parent
+    keeps one in shared memory across restarts of this worker.
     """
     log = setup(config.log_level, config.log_format)
     if listener is None:
@@ -93,6 +96,8 @@ def run(
         # Totals saved by an earlier run are a block of their own, summed into every report.
         blocks = [stats.block, *load_baseline_blocks(config)]
         reporter = Reporter(lambda: snapshot(blocks, time.monotonic_ns()))
+        if config.report_interval:
+            reporter.every(config.report_interval)
         signals.install(stop=stop.set, force=force.set, report=reporter.request)
     else:
         blocks = all_blocks or [stats.block]
@@ -118,7 +123,9 @@ def run(
         },
     )
     # The state file is the parent's in a multi-worker proxy.
-    extras = _start_extras(config, server, blocks, admin_listener, state=worker is None)
+    extras = _start_extras(
+        config, server, blocks, admin_listener, state=worker is None, history_block=history_block
+    )
     stop.wait()
     _shutdown(server, config, force, log)
     _stop_extras(extras)
@@ -157,10 +164,11 @@ def _shutdown(server: ProxyServer, config: Config, force: Event, log: logging.Lo
 
 @dataclasses.dataclass
 class _Extras:
-    """The optional services around the proxy: admin endpoint, state file."""
+    """The optional services around the proxy: admin endpoint and its history, state file."""
 
     admin: AdminServer | None = None
     state: StateWriter | None = None
+    sampler: Sampler | None = None
 
 
 def load_baseline_blocks(config: Config) -> list[Block]:
@@ -177,10 +185,14 @@ def _start_extras(
     blocks: list[Block],
     admin_listener: socket.socket | None,
     state: bool,
+    history_block: HistoryBlock | None = None,
 ) -> _Extras:
     """Start what the flags ask for, once the proxy accepts; ``blocks`` as the reports see them."""
     extras = _Extras()
     if admin_listener is not None:
+        history = History(history_block)
+        extras.sampler = Sampler(history, lambda: snapshot(blocks, time.monotonic_ns()))
+        extras.sampler.start()
         extras.admin = serve(
             admin_listener,
             forward=config.forward,
@@ -189,6 +201,7 @@ def _start_extras(
             snapshot=lambda: snapshot(blocks, time.monotonic_ns()),
             histogram=lambda: latency_histogram(blocks),
             accepting=lambda: not server.closed,
+            history=history,
         )
     if state and config.state_file is not None:
         extras.state = StateWriter(
@@ -202,5 +215,7 @@ def _stop_extras(extras: _Extras) -> None:
     """After the drain: close the admin endpoint, then write the final totals."""
     if extras.admin is not None:
         extras.admin.stop()
+    if extras.sampler is not None:
+        extras.sampler.stop()
     if extras.state is not None:
         extras.state.stop()

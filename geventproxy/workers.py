@@ -5,8 +5,9 @@ shared memory, then forks the workers before any event loop exists. Each
 worker is a full proxy writing only its own block; the parent never touches
 a connection. It owns the signals:
 
-- USR1: one JSON line, the exact sum of every worker's block (counters add
-  up; each window is the sum of the workers' windows at the same instant);
+- USR1 (and every --report-interval): one JSON line, the exact sum of every
+  worker's block (counters add up; each window is the sum of the workers'
+  windows at the same instant);
 - TERM/INT: TERM to every worker (each drains on its own), wait for them,
   print a final line, exit 0; a second TERM/INT is passed on, and the
   workers then close everything at once;
@@ -29,6 +30,7 @@ import sys
 import time
 
 from .config import Config
+from .history import HistoryBlock, new_history_block
 from .logs import LOGGER, setup
 from .report import render, write_line
 from .runner import load_baseline_blocks, raise_fd_limit
@@ -69,6 +71,9 @@ class _Supervisor:
         # The state file's totals, summed into every report like a worker's block.
         self.blocks += load_baseline_blocks(config)
         self.admin: socket.socket | None = None  # bound here, served by worker 0
+        # The live page's history, kept by worker 0; here, it outlives a restart of worker 0.
+        self.history: HistoryBlock | None = None
+        self.report_due = time.monotonic() + config.report_interval
         self.state_due = time.monotonic() + config.state_interval
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started_at: dict[int, float] = {}  # slot -> when its worker started
@@ -112,7 +117,8 @@ class _Supervisor:
                 admin = self.admin if slot == 0 else None
                 if self.admin is not None and admin is None:
                     self.admin.close()
-                status = _worker_main(self.config, listener, self.blocks, slot, admin)
+                history = self.history if slot == 0 else None
+                status = _worker_main(self.config, listener, self.blocks, slot, admin, history)
             except BaseException:  # noqa: BLE001 - the child must never return into the parent
                 logging.getLogger(LOGGER).exception("worker crashed")
             finally:
@@ -180,6 +186,14 @@ class _Supervisor:
         if not write_line(sys.stdout.fileno(), line, REPORT_TIMEOUT):
             log.warning("statistics line dropped: stdout is not being read")
 
+    def _report_due(self) -> None:
+        """--report-interval: a line when due, on a fixed grid (missed turns are skipped)."""
+        now = time.monotonic()
+        if self.config.report_interval and now >= self.report_due:
+            self.report()
+            while self.report_due <= now:
+                self.report_due += self.config.report_interval
+
     # -- the main loop ---------------------------------------------------------
 
     def run(self) -> int:
@@ -191,6 +205,7 @@ class _Supervisor:
             self.admin = open_listener(config.admin)
             if self.admin is None:
                 return 1
+            self.history = new_history_block(shared=True)
         self._install()
         log.info(
             "listening",
@@ -211,6 +226,8 @@ class _Supervisor:
                 wake.append(deadline - time.monotonic())
             if self.respawn_at:
                 wake.append(min(self.respawn_at.values()) - time.monotonic())
+            if config.report_interval:  # during the drain too: it shows the connections going
+                wake.append(self.report_due - time.monotonic())
             timeout = max(0.0, min(wake))
             try:
                 select.select([self._wake_r], [], [], timeout)
@@ -251,6 +268,7 @@ class _Supervisor:
                     self._reap(listener)
             if not self.stopping:
                 self._respawn_due(listener)
+            self._report_due()
             if (
                 config.state_file
                 and config.state_interval
@@ -270,7 +288,12 @@ class _Supervisor:
 
 
 def _worker_main(
-    config: Config, listener: object, blocks: list[Block], slot: int, admin: object
+    config: Config,
+    listener: object,
+    blocks: list[Block],
+    slot: int,
+    admin: object,
+    history: HistoryBlock | None = None,
 ) -> int:
     """In the child: a full proxy on the shared socket, writing its own block."""
     from .runner import run
@@ -287,6 +310,7 @@ def _worker_main(
         worker=slot,
         all_blocks=blocks,
         admin_listener=admin,
+        history_block=history,
     )
 
 

@@ -408,3 +408,36 @@ def stdout_reports(p: Proxy) -> list[dict]:
         assert isinstance(report, dict) and "msg_total" in report, line
         reports.append(report)
     return reports
+
+
+class Traffic:
+    """The reference client through the proxy, one run after another, in a thread, until the
+    ``with`` block ends (the run in progress is finished and counted)."""
+
+    def __init__(self, port: int, connections: int = 8, requests: int = 100) -> None:
+        self.port = port
+        self.connections, self.per_connection = connections, requests
+        self.requests = 0  # REQs sent by the runs that passed
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            done = run_foo_client(
+                f"-connect=127.0.0.1:{self.port}",
+                f"-connections={self.connections}",
+                f"-requests={self.per_connection}",
+            )
+            if done.returncode == 0:
+                self.requests += self.connections * self.per_connection
+            else:
+                self.failures.append(done.stdout + done.stderr)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)

@@ -89,7 +89,7 @@ def test_routes_match_the_traffic_and_the_usr1_report() -> None:
         status, headers, _ = http_request(admin, "/stats", method="POST")
         assert status == 405 and headers["allow"] == "GET, HEAD"
         assert http_request(admin, "/nothing-here")[0] == 404
-        assert http_request(admin, "/")[0] == 404
+        assert http_request(admin, "/")[0] == 200  # the live page (test_live_page.py)
 
         # The upstream goes away: /healthz says so within a few check intervals.
         stop_process(upstream)

@@ -34,6 +34,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "state-file": ("/var/lib/geventproxy/state.json", "/var/lib/geventproxy/state.json"),
     "state-interval": ("10s", 10.0),
     "health-interval": ("250ms", 0.25),
+    "report-interval": ("30s", 30.0),
 }
 REQUIRED_FIELDS = (
     "msg_total",
@@ -141,6 +142,8 @@ def test_admin_and_listen_may_both_take_a_free_port() -> None:
         ["-log-format=xml"],
         ["-workers=0"],
         ["-admin=:8002"],  # the same as the default -listen
+        ["-report-interval=10ms"],  # a line every 10 ms is a flood, not a report
+        ["-report-interval=-1s"],
         ["-no-such-flag"],
         ["-listen"],
         ["stray"],
