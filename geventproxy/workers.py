@@ -31,8 +31,8 @@ import time
 from .config import Config
 from .logs import LOGGER, setup
 from .report import render, write_line
-from .runner import load_baseline_blocks, raise_fd_limit
-from .server import format_address, open_listener
+from .runner import EXIT_CANNOT_LISTEN, load_baseline_blocks, open_listeners, raise_fd_limit
+from .server import format_address
 from .state import encode, write_atomically
 from .stats import Block, Stats, new_block, persistent_totals, reset_gauges, snapshot
 
@@ -66,8 +66,6 @@ class _Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.blocks: list[Block] = [new_block(shared=True) for _ in range(config.workers)]
-        # The state file's totals, summed into every report like a worker's block.
-        self.blocks += load_baseline_blocks(config)
         self.admin: socket.socket | None = None  # bound here, served by worker 0
         self.state_due = time.monotonic() + config.state_interval
         self.pids: dict[int, int] = {}  # pid -> slot
@@ -184,13 +182,13 @@ class _Supervisor:
 
     def run(self) -> int:
         config = self.config
-        listener = open_listener(config.listen)
-        if listener is None:
-            return 1
-        if config.admin is not None:
-            self.admin = open_listener(config.admin)
-            if self.admin is None:
-                return 1
+        opened = open_listeners(config)
+        if opened is None:
+            return EXIT_CANNOT_LISTEN
+        listener, self.admin = opened
+        raise_fd_limit()
+        # The state file's totals, summed into every report like a worker's block.
+        self.blocks += load_baseline_blocks(config)
         self._install()
         log.info(
             "listening",
@@ -292,5 +290,4 @@ def _worker_main(
 
 def supervise(config: Config) -> int:
     setup(config.log_level, config.log_format)
-    raise_fd_limit()
     return _Supervisor(config).run()
