@@ -342,10 +342,10 @@ def _variable(name: str) -> str:
 def unknown_environment(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """Each GEVENTPROXY_* variable that names no flag (a typo is silently ignored
     otherwise), with the known variable it most resembles, if any."""
-    known = [_variable(name)[len(ENV_PREFIX) :] for name, *_ in _FLAGS]
+    known = [_variable(name).removeprefix(ENV_PREFIX) for name, *_ in _FLAGS]
     unknown = []
     for var in sorted(env):
-        name = var[len(ENV_PREFIX) :]
+        name = var.removeprefix(ENV_PREFIX)
         if var.startswith(ENV_PREFIX) and name not in known:
             like = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
             unknown.append((var, ENV_PREFIX + like[0] if like else None))

@@ -43,7 +43,7 @@ def main(argv: Sequence[str]) -> int:
         print("geventproxy: error: the deployment files are not installed", file=sys.stderr)
         return 1
     target = Path(argv[0])
-    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("_"))
+    files = sorted(p for p in source.iterdir() if p.is_file())
     clashes = [target / p.name for p in files if (target / p.name).exists()]
     if clashes:
         print(f"geventproxy: error: {clashes[0]} exists; not overwriting", file=sys.stderr)

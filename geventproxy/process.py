@@ -11,7 +11,6 @@ returns None and the metrics are left out.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from typing import NamedTuple
@@ -46,7 +45,9 @@ def set_name(name: str) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The symbols already loaded, libc's among them: no library search (which
+        # would run a subprocess) in a worker that has just been forked.
+        libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_NAME, name.encode()[:NAME_MAX], 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False

@@ -200,9 +200,10 @@ def _single_process() -> list[tuple[str | None, process.Figures]]:
     return [] if figures is None else [(None, figures)]
 
 
-def _sibling_processes(worker_blocks: list[Block]) -> list[tuple[str | None, process.Figures]]:
+def _sibling_processes(
+    worker_blocks: list[Block], parent: int
+) -> list[tuple[str | None, process.Figures]]:
     """The parent and every live worker, each by its ``worker`` label."""
-    parent = os.getppid()
     found = []
     for slot, block in enumerate(worker_blocks):
         pid = worker_figures(block)["pid"]
@@ -211,7 +212,8 @@ def _sibling_processes(worker_blocks: list[Block]) -> list[tuple[str | None, pro
         # by now be another process's, which its parent then tells apart.
         if figures is not None and figures.ppid == parent:
             found.append((str(slot), figures))
-    figures = process.figures(parent)
+    # Orphaned (the parent killed), this worker's parent is now some other process.
+    figures = process.figures(parent) if os.getppid() == parent else None
     if figures is not None:
         found.append(("parent", figures))
     return found
@@ -240,7 +242,7 @@ def _start_extras(
         workers = None
         if worker is not None:
             worker_blocks = blocks[: config.workers]
-            processes = functools.partial(_sibling_processes, worker_blocks)
+            processes = functools.partial(_sibling_processes, worker_blocks, os.getppid())
             workers = functools.partial(_worker_rows, worker_blocks)
         extras.admin = serve(
             admin_listener,

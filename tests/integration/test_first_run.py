@@ -99,9 +99,15 @@ def test_workers_name_themselves_in_ps_and_in_every_log_line(foo_port: int) -> N
     2. Each worker's lines carry worker=N: listening, the connections, draining, exit.
     3. No line anywhere says worker=None."""
     with proxy(foo_port, "-workers=2") as p:
-        children = wait_until(lambda: len(c := _children(p.pid)) == 2 and c, timeout=10)
         assert _comm(p.pid) == "geventproxy"
-        assert sorted(_comm(pid) for pid in children) == ["geventproxy w0", "geventproxy w1"]
+        # Each worker names itself as it starts, a moment after the fork.
+        wait_until(
+            lambda: (
+                sorted(_comm(pid) for pid in _children(p.pid))
+                == ["geventproxy w0", "geventproxy w1"]
+            ),
+            timeout=15,
+        )
         done = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=6")
         assert done.returncode == 0, done.stdout + done.stderr
         assert p.stop() == 0
