@@ -46,8 +46,10 @@ def _quiet(alert: str) -> dict:
     return {"alertname": alert, "exp_alerts": []}
 
 
-# Each alert: the input series (one sample a minute), and what is firing when.
-# Instance A misbehaves, instance B carries on normally beside it.
+# Each alert: the input series (one sample a minute), and what is firing when: nothing
+# yet while the condition holds for less than the rule's `for`, then A alone.
+# Instance A misbehaves (in UpstreamUnreachable, B too, in the other way), instance B
+# carries on normally beside it.
 SCENARIOS = {
     "GeventproxyTargetDown": (
         [_series("up", A, "1 1 0 0 0 0"), _series("up", B, "1x5")],
@@ -62,14 +64,14 @@ SCENARIOS = {
             _series("geventproxy_upstream_connect_timeouts_total", A, "0x5"),
             _series("geventproxy_upstream_connect_timeouts_total", B, "0 0 0 3 6 9"),
         ],
-        [("1m", [_quiet]), ("5m", [lambda n: _firing(n, "critical", A, B)])],
+        [("2m", [_quiet]), ("5m", [lambda n: _firing(n, "critical", A, B)])],
     ),
     "GeventproxyConnectionsRefused": (
         [
             _series("geventproxy_connections_refused_total", A, "0 0 0 5 10 15 20"),
             _series("geventproxy_connections_refused_total", B, "0x6"),
         ],
-        [("2m", [_quiet]), ("6m", [lambda n: _firing(n, "warning", A)])],
+        [("3m", [_quiet]), ("6m", [lambda n: _firing(n, "warning", A)])],
     ),
     "GeventproxyErrorClosesRising": (
         [
