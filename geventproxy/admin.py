@@ -38,6 +38,7 @@ from .config import Address
 from .history import History
 from .logs import LOGGER
 from .metrics import CONTENT_TYPE, render_prometheus
+from .process import Figures
 from .report import render
 
 __all__ = ["AdminApp", "AdminServer", "HealthCheck", "serve"]
@@ -113,14 +114,21 @@ class HealthCheck:
         self.reachable, self.error, self.checked_at = reachable, error, self.clock()
         return reachable
 
+    def upstream_up(self) -> bool:
+        """The last check reached the upstream, and it is recent."""
+        return bool(self.reachable) and not self._stale()
+
+    def _stale(self) -> bool:
+        # A result older than a few rounds means the checker stopped: do not trust it.
+        return self.clock() - self.checked_at > 3 * self.interval + self.timeout
+
     def status(self) -> tuple[bool, str]:
         """(healthy, reason): the reason is "ok" or says what is wrong."""
         if not self.accepting():
             return False, "not accepting connections (shutting down)"
         if self.reachable is None:
             return False, "upstream not checked yet"
-        # A result older than a few rounds means the checker stopped: do not trust it.
-        if self.clock() - self.checked_at > 3 * self.interval + self.timeout:
+        if self._stale():
             return False, "upstream check is stale"
         if not self.reachable:
             return False, f"upstream {self.forward} unreachable: {self.error}"
@@ -142,7 +150,11 @@ class HealthCheck:
 
 
 class AdminApp:
-    """The WSGI application: three read-only routes."""
+    """The WSGI application: three read-only routes.
+
+    ``processes`` and ``workers`` give /metrics its per-process figures
+    (see ``metrics.render_prometheus``); without them it has none.
+    """
 
     def __init__(
         self,
@@ -150,12 +162,16 @@ class AdminApp:
         histogram: Callable[[], tuple[list[int], int]],
         health: Any,
         history: History | None = None,
+        processes: Callable[[], list[tuple[str | None, Figures]]] | None = None,
+        workers: Callable[[], list[tuple[str, dict[str, int]]]] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.histogram = histogram
         self.health = health
         self.history = history
         self._files: dict[str, bytes] = {}
+        self.processes = processes
+        self.workers = workers
         self.routes: dict[str, Callable[[], tuple[str, str, bytes]]] = {
             "/metrics": self.metrics,
             "/stats": self.stats,
@@ -169,8 +185,14 @@ class AdminApp:
         }
 
     def metrics(self) -> tuple[str, str, bytes]:
-        # Both reads happen without yielding, so they describe the same instant.
-        text = render_prometheus(self.snapshot(), self.histogram())
+        # The reads happen without yielding, so they describe the same instant.
+        text = render_prometheus(
+            self.snapshot(),
+            self.histogram(),
+            upstream_up=self.health.upstream_up(),
+            processes=self.processes() if self.processes else (),
+            workers=self.workers() if self.workers else (),
+        )
         return "200 OK", CONTENT_TYPE, text.encode()
 
     def stats(self) -> tuple[str, str, bytes]:
@@ -308,9 +330,12 @@ def serve(
     histogram: Callable[[], tuple[list[int], int]],
     accepting: Callable[[], bool],
     history: History | None = None,
+    processes: Callable[[], list[tuple[str | None, Figures]]] | None = None,
+    workers: Callable[[], list[tuple[str, dict[str, int]]]] | None = None,
 ) -> AdminServer:
     """Build and start the admin endpoint on a bound, listening socket."""
     health = HealthCheck(forward, connect_timeout, health_interval, accepting)
-    server = AdminServer(listener, AdminApp(snapshot, histogram, health, history), health)
+    app = AdminApp(snapshot, histogram, health, history, processes, workers)
+    server = AdminServer(listener, app, health)
     server.start()
     return server

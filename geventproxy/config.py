@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NoReturn
@@ -17,7 +18,15 @@ from typing import Any, Callable, NoReturn
 from . import __version__
 from .codec import DEFAULT_MAX_LINE
 
-__all__ = ["Address", "Config", "ConfigError", "parse_address", "load", "ENV_PREFIX"]
+__all__ = [
+    "Address",
+    "Config",
+    "ConfigError",
+    "parse_address",
+    "load",
+    "unknown_environment",
+    "ENV_PREFIX",
+]
 
 ENV_PREFIX = "GEVENTPROXY_"
 
@@ -337,6 +346,11 @@ def _parser() -> _Parser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
+        add_help=False,
+    )
+    # -help as well: the Go-style binaries of the task accept it.
+    parser.add_argument(
+        "-h", "-help", "--help", action="help", help="show this help message and exit"
     )
     for name, parse, metavar, text in _FLAGS:
         kwargs: dict[str, Any] = {
@@ -354,11 +368,28 @@ def _parser() -> _Parser:
     return parser
 
 
+def _variable(name: str) -> str:
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def unknown_environment(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each GEVENTPROXY_* variable that names no flag (a typo is silently ignored
+    otherwise), with the known variable it most resembles, if any."""
+    known = [_variable(name).removeprefix(ENV_PREFIX) for name, *_ in _FLAGS]
+    unknown = []
+    for var in sorted(env):
+        name = var.removeprefix(ENV_PREFIX)
+        if var.startswith(ENV_PREFIX) and name not in known:
+            like = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            unknown.append((var, ENV_PREFIX + like[0] if like else None))
+    return unknown
+
+
 def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Config:
     """Build the Config from the environment, then the command line."""
     values: dict[str, Any] = {}
     for name, parse, _metavar, _text in _FLAGS:
-        var = ENV_PREFIX + name.upper().replace("-", "_")
+        var = _variable(name)
         if env and var in env:
             try:
                 values[name.replace("-", "_")] = parse(env[var])

@@ -1,8 +1,8 @@
 """One proxy process from start to exit, in an explicit order.
 
-Start: logging, file-descriptor limit, bind (proxy, then --admin), saved
-totals (--state-file), signals, accept, then the admin endpoint and the
-state writer.
+Start: logging, bind (proxy, then --admin; a failure is one line and exit
+status 2), file-descriptor limit, saved totals (--state-file), signals,
+accept, then the admin endpoint and the state writer.
 Stop (first TERM/INT): stop accepting, let connections finish for
 --drain-timeout, close the rest, close the admin endpoint, write the state
 file, write a final report, exit 0. A second TERM/INT closes everything at
@@ -12,17 +12,19 @@ once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
 
-from . import __version__, signals
+from . import __version__, process, signals
 from .admin import AdminServer, serve
 from .config import Config
 from .history import History, HistoryBlock, Sampler
@@ -30,9 +32,20 @@ from .logs import LOGGER, setup
 from .report import Reporter
 from .server import ProxyServer, format_address, open_listener
 from .state import StateWriter, load_baseline
-from .stats import Block, Stats, latency_histogram, persistent_totals, snapshot
+from .stats import (
+    Block,
+    Stats,
+    latency_histogram,
+    persistent_totals,
+    set_pid,
+    snapshot,
+    worker_figures,
+)
 
-__all__ = ["raise_fd_limit", "run"]
+__all__ = ["open_listeners", "raise_fd_limit", "run"]
+
+#: The exit status when a listener cannot be bound, as for a bad flag.
+EXIT_CANNOT_LISTEN = 2
 
 #: How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 1.0
@@ -55,6 +68,18 @@ def raise_fd_limit() -> int:
     return now
 
 
+def open_listeners(config: Config) -> tuple[socket.socket, socket.socket | None] | None:
+    """Bind -listen and -admin (if set); None after one log line naming the one that failed."""
+    listener = open_listener(config.listen, "-listen")
+    if listener is None or config.admin is None:
+        return None if listener is None else (listener, None)
+    admin = open_listener(config.admin, "-admin")
+    if admin is None:
+        listener.close()
+        return None
+    return listener, admin
+
+
 def run(
     config: Config,
     listener: socket.socket | None = None,
@@ -74,17 +99,17 @@ def run(
     saved totals). ``history_block`` is the live page's ring, if the parent
     keeps one in shared memory across restarts of this worker.
     """
-    log = setup(config.log_level, config.log_format)
+    log = setup(config.log_level, config.log_format, {"worker": worker})
+    if worker is not None:
+        process.set_name(f"geventproxy w{worker}")
     if listener is None:
+        opened = open_listeners(config)
+        if opened is None:
+            return EXIT_CANNOT_LISTEN
+        listener, admin_listener = opened
         raise_fd_limit()
-        listener = open_listener(config.listen)
-        if listener is None:
-            return 1
-    if worker is None and config.admin is not None:
-        admin_listener = open_listener(config.admin)
-        if admin_listener is None:
-            return 1
     stats = stats or Stats()
+    set_pid(stats.block, os.getpid())
     server = ProxyServer(listener, config, stats)
     if worker is not None:
         # Workers share one listening socket and all wake for each new client: taking
@@ -111,7 +136,6 @@ def run(
         extra={
             "fields": {
                 "address": format_address(server.address),
-                "worker": worker,
                 "forward": str(config.forward),
                 "version": __version__,
                 "max_connections": config.max_connections,
@@ -123,9 +147,7 @@ def run(
         },
     )
     # The state file is the parent's in a multi-worker proxy.
-    extras = _start_extras(
-        config, server, blocks, admin_listener, state=worker is None, history_block=history_block
-    )
+    extras = _start_extras(config, server, blocks, admin_listener, worker, history_block)
     stop.wait()
     _shutdown(server, config, force, log)
     _stop_extras(extras)
@@ -179,17 +201,56 @@ def load_baseline_blocks(config: Config) -> list[Block]:
     return [] if baseline is None else [baseline]
 
 
+def _single_process() -> list[tuple[str | None, process.Figures]]:
+    figures = process.figures()
+    return [] if figures is None else [(None, figures)]
+
+
+def _sibling_processes(
+    worker_blocks: list[Block], parent: int
+) -> list[tuple[str | None, process.Figures]]:
+    """The parent and every live worker, each by its ``worker`` label."""
+    found = []
+    for slot, block in enumerate(worker_blocks):
+        pid = worker_figures(block)["pid"]
+        figures = process.figures(pid) if pid else None
+        # A slot whose worker died holds its pid until the next starts: that pid may
+        # by now be another process's, which its parent then tells apart.
+        if figures is not None and figures.ppid == parent:
+            found.append((str(slot), figures))
+    # Orphaned (the parent killed), this worker's parent is now some other process.
+    figures = process.figures(parent) if os.getppid() == parent else None
+    if figures is not None:
+        found.append(("parent", figures))
+    return found
+
+
+def _worker_rows(worker_blocks: list[Block]) -> list[tuple[str, dict[str, int]]]:
+    return [(str(slot), worker_figures(block)) for slot, block in enumerate(worker_blocks)]
+
+
 def _start_extras(
     config: Config,
     server: ProxyServer,
     blocks: list[Block],
     admin_listener: socket.socket | None,
-    state: bool,
+    worker: int | None,
     history_block: HistoryBlock | None = None,
 ) -> _Extras:
-    """Start what the flags ask for, once the proxy accepts; ``blocks`` as the reports see them."""
+    """Start what the flags ask for, once the proxy accepts; ``blocks`` as the reports see them.
+
+    A worker (``worker`` is its slot) serves the admin endpoint for all of them
+    and leaves the state file to the parent.
+    """
     extras = _Extras()
+    state = worker is None
     if admin_listener is not None:
+        processes: Callable[[], list[tuple[str | None, process.Figures]]] = _single_process
+        workers = None
+        if worker is not None:
+            worker_blocks = blocks[: config.workers]
+            processes = functools.partial(_sibling_processes, worker_blocks, os.getppid())
+            workers = functools.partial(_worker_rows, worker_blocks)
         history = History(history_block)
         extras.sampler = Sampler(history, lambda: snapshot(blocks, time.monotonic_ns()))
         extras.sampler.start()
@@ -202,6 +263,8 @@ def _start_extras(
             histogram=lambda: latency_histogram(blocks),
             accepting=lambda: not server.closed,
             history=history,
+            processes=processes,
+            workers=workers,
         )
     if state and config.state_file is not None:
         extras.state = StateWriter(

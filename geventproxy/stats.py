@@ -51,7 +51,9 @@ __all__ = [
     "new_block",
     "reset_gauges",
     "persistent_totals",
+    "set_pid",
     "snapshot",
+    "worker_figures",
 ]
 
 BUCKET_NS = 1_000_000  # 1 ms
@@ -122,7 +124,8 @@ _LRING = _LSTAMP + LATENCY_WINDOW_S  # ... and their buckets
 _STAMP = _LRING + LATENCY_WINDOW_S * _NB
 _WREQ = _STAMP + RING
 _WRESP = _WREQ + RING
-BLOCK_SLOTS = _WRESP + RING
+_PID = _WRESP + RING  # the process writing the block (a worker's pid), 0 if none
+BLOCK_SLOTS = _PID + 1
 BLOCK_BYTES = BLOCK_SLOTS * 8
 
 
@@ -147,6 +150,21 @@ def new_block(shared: bool = False) -> Block:
 def reset_gauges(block: Block) -> None:
     """Zero what describes a live process (its open connections), keep the totals."""
     block[_C["connections_active"]] = 0
+
+
+def set_pid(block: Block, pid: int) -> None:
+    """Say which process writes ``block``: a worker's admin endpoint reads its siblings' figures."""
+    block[_PID] = pid
+
+
+def worker_figures(block: Block) -> dict[str, int]:
+    """What one worker's block says of that worker alone: cheap, no pass over the ring."""
+    return {
+        "pid": block[_PID],
+        "connections_active": block[_C["connections_active"]],
+        "connections_total": block[_C["connections_total"]],
+        "requests": block[_MSG],  # REQs forwarded client to upstream
+    }
 
 
 class Stats:

@@ -33,8 +33,8 @@ from .config import Config
 from .history import HistoryBlock, new_history_block
 from .logs import LOGGER, setup
 from .report import render, write_line
-from .runner import load_baseline_blocks, raise_fd_limit
-from .server import format_address, open_listener
+from .runner import EXIT_CANNOT_LISTEN, load_baseline_blocks, open_listeners, raise_fd_limit
+from .server import format_address
 from .state import encode, write_atomically
 from .stats import Block, Stats, new_block, persistent_totals, reset_gauges, snapshot
 
@@ -68,8 +68,6 @@ class _Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.blocks: list[Block] = [new_block(shared=True) for _ in range(config.workers)]
-        # The state file's totals, summed into every report like a worker's block.
-        self.blocks += load_baseline_blocks(config)
         self.admin: socket.socket | None = None  # bound here, served by worker 0
         # The live page's history, kept by worker 0; here, it outlives a restart of worker 0.
         self.history: HistoryBlock | None = None
@@ -198,13 +196,14 @@ class _Supervisor:
 
     def run(self) -> int:
         config = self.config
-        listener = open_listener(config.listen)
-        if listener is None:
-            return 1
+        opened = open_listeners(config)
+        if opened is None:
+            return EXIT_CANNOT_LISTEN
+        listener, self.admin = opened
+        raise_fd_limit()
+        # The state file's totals, summed into every report like a worker's block.
+        self.blocks += load_baseline_blocks(config)
         if config.admin is not None:
-            self.admin = open_listener(config.admin)
-            if self.admin is None:
-                return 1
             self.history = new_history_block(shared=True)
         self._install()
         log.info(
@@ -316,5 +315,4 @@ def _worker_main(
 
 def supervise(config: Config) -> int:
     setup(config.log_level, config.log_format)
-    raise_fd_limit()
     return _Supervisor(config).run()

@@ -129,5 +129,7 @@ def test_healthz_fails_while_draining() -> None:
 def test_admin_address_in_use_is_fatal() -> None:
     with foo_server() as (_, port), proxy(port, ADMIN) as first:
         host, taken = admin_address(first)
-        with pytest.raises(RuntimeError, match=f"cannot listen address={host}:{taken}"):
+        with pytest.raises(
+            RuntimeError, match=f"cannot listen on the -admin address address={host}:{taken}"
+        ):
             start_proxy(port, f"-admin={host}:{taken}")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from geventproxy import __version__
+from geventproxy import process
 from geventproxy.admin import AdminApp, HealthCheck
 from geventproxy.config import Address
 from geventproxy.history import FIELDS, History, sample_row
@@ -20,6 +21,9 @@ class FakeHealth:
 
     def status(self) -> tuple[bool, str]:
         return self.verdict
+
+    def upstream_up(self) -> bool:
+        return self.verdict[0]
 
 
 def _call(app: AdminApp, path: str, method: str = "GET") -> tuple[str, dict[str, str], bytes]:
@@ -62,6 +66,19 @@ def test_head_404_405(app: AdminApp) -> None:
     assert status == "405 Method Not Allowed" and headers["Allow"] == "GET, HEAD"
 
 
+def test_metrics_carry_the_health_and_the_process_figures(app: AdminApp) -> None:
+    body = _call(app, "/metrics")[2].decode()
+    assert "\ngeventproxy_upstream_up 1\n" in body
+    assert "process_open_fds" not in body  # none given
+    app.health = FakeHealth((False, "upstream db:1 unreachable: refused"))
+    figures = process.figures()
+    assert figures is not None
+    app.processes = lambda: [(None, figures)]
+    body = _call(app, "/metrics")[2].decode()
+    assert "\ngeventproxy_upstream_up 0\n" in body
+    assert f"\nprocess_open_fds {figures.open_fds}\n" in body
+
+
 def test_unhealthy_is_503_with_the_reason(app: AdminApp) -> None:
     app.health = FakeHealth((False, "upstream db:1 unreachable: refused"))
     assert _call(app, "/healthz")[::2] == (
@@ -91,12 +108,15 @@ def test_health_verdicts() -> None:
     accepting = [True]
     health = HealthCheck(Address("127.0.0.1", 1), 1.0, 2.0, lambda: accepting[0], clock)
     assert health.status() == (False, "upstream not checked yet")
+    assert health.upstream_up() is False
     health.reachable, health.checked_at = True, clock.now
-    assert health.status() == (True, "ok")
+    assert health.status() == (True, "ok") and health.upstream_up() is True
     clock.now += 3 * 2.0 + 1.0 + 0.1  # three missed rounds and a timeout
     assert health.status() == (False, "upstream check is stale")
+    assert health.upstream_up() is False
     health.reachable, health.error, health.checked_at = False, "refused", clock.now
     assert health.status() == (False, "upstream 127.0.0.1:1 unreachable: refused")
+    assert health.upstream_up() is False
     accepting[0] = False
     assert health.status()[0] is False and "not accepting" in health.status()[1]
 

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from geventproxy import __version__
-from geventproxy.config import _FLAGS, ENV_PREFIX, Address, Config, ConfigError, load
+from geventproxy.config import (
+    _FLAGS,
+    ENV_PREFIX,
+    Address,
+    Config,
+    ConfigError,
+    load,
+    unknown_environment,
+)
 from geventproxy.stats import Stats, snapshot
 from tests.helpers import REPO_ROOT, subprocess_env
 
@@ -196,6 +204,22 @@ def test_cli_help_names_every_flag_signal_and_statistic() -> None:
     assert "msg_<type>_<direction>" in text
     assert ENV_PREFIX in text
     assert _cli("-h").stdout == text
+    go_style = _cli("-help")  # as the Go-style binaries of the task accept it
+    assert (go_style.returncode, go_style.stdout, go_style.stderr) == (0, text, "")
+
+
+def test_unknown_environment_variables_are_named_with_the_likely_one() -> None:
+    env = {
+        "GEVENTPROXY_IDLE_TIMOUT": "5",
+        "GEVENTPROXY_FORWARD": "db:1",
+        "GEVENTPROXY_COLOUR": "blue",
+        "PATH": "/bin",
+    }
+    assert unknown_environment(env) == [
+        ("GEVENTPROXY_COLOUR", None),
+        ("GEVENTPROXY_IDLE_TIMOUT", "GEVENTPROXY_IDLE_TIMEOUT"),
+    ]
+    assert unknown_environment({_env(flag): "x" for flag in SAMPLES}) == []
 
 
 @pytest.mark.parametrize("flag", ["--version", "-version"])
