@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from geventproxy import __version__
-from geventproxy import process
+from geventproxy import __version__, process
 from geventproxy.admin import AdminApp, HealthCheck
 from geventproxy.config import Address
 from geventproxy.history import FIELDS, History, sample_row
