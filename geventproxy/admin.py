@@ -1,10 +1,16 @@
-"""The admin HTTP endpoint: /metrics, /stats and /healthz, off unless --admin is set.
+"""The admin HTTP endpoint: /metrics, /stats, /healthz, /history and the live page at /.
+
+Off unless --admin is set.
 
 Served by gevent's own ``pywsgi`` in the proxy's event loop, so it adds no
 dependency and no thread. Every route reads the same counters as the SIGUSR1
 report at the moment of the request. A scrape costs a snapshot (a pass over
 the rate ring, about a millisecond), so a small handler pool bounds what
 a misbehaving scraper can take from the proxy.
+
+The live page is three static files from the package (``static/``) that
+draw the charts from ``/history`` and the totals from ``/stats``; its
+Content-Security-Policy allows no request to any other origin.
 
 /healthz answers from a cached check, never by dialling the upstream in the
 request: a load balancer probing often cannot then multiply connections to
@@ -13,19 +19,26 @@ the upstream, and a slow upstream cannot make the probe itself time out.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
+from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 import gevent
 import gevent.socket
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
+from . import __version__
 from .config import Address
+from .history import History
 from .logs import LOGGER
 from .metrics import CONTENT_TYPE, render_prometheus
+from .process import Figures
 from .report import render
 
 __all__ = ["AdminApp", "AdminServer", "HealthCheck", "serve"]
@@ -40,6 +53,18 @@ MIN_HEALTH_INTERVAL = 0.05
 DEFAULT_HEALTH_TIMEOUT = 5.0
 
 StartResponse = Callable[..., Any]
+
+#: The live page: path -> (file in the package's static/, content type).
+PAGE_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/live.js": ("live.js", "text/javascript; charset=utf-8"),
+    "/live.css": ("live.css", "text/css; charset=utf-8"),
+}
+#: The page may load its own files and poll its own origin, nothing else.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class HealthCheck:
@@ -89,14 +114,21 @@ class HealthCheck:
         self.reachable, self.error, self.checked_at = reachable, error, self.clock()
         return reachable
 
+    def upstream_up(self) -> bool:
+        """The last check reached the upstream, and it is recent."""
+        return bool(self.reachable) and not self._stale()
+
+    def _stale(self) -> bool:
+        # A result older than a few rounds means the checker stopped: do not trust it.
+        return self.clock() - self.checked_at > 3 * self.interval + self.timeout
+
     def status(self) -> tuple[bool, str]:
         """(healthy, reason): the reason is "ok" or says what is wrong."""
         if not self.accepting():
             return False, "not accepting connections (shutting down)"
         if self.reachable is None:
             return False, "upstream not checked yet"
-        # A result older than a few rounds means the checker stopped: do not trust it.
-        if self.clock() - self.checked_at > 3 * self.interval + self.timeout:
+        if self._stale():
             return False, "upstream check is stale"
         if not self.reachable:
             return False, f"upstream {self.forward} unreachable: {self.error}"
@@ -118,26 +150,49 @@ class HealthCheck:
 
 
 class AdminApp:
-    """The WSGI application: three read-only routes."""
+    """The WSGI application: three read-only routes.
+
+    ``processes`` and ``workers`` give /metrics its per-process figures
+    (see ``metrics.render_prometheus``); without them it has none.
+    """
 
     def __init__(
         self,
         snapshot: Callable[[], dict[str, Any]],
         histogram: Callable[[], tuple[list[int], int]],
         health: Any,
+        history: History | None = None,
+        processes: Callable[[], list[tuple[str | None, Figures]]] | None = None,
+        workers: Callable[[], list[tuple[str, dict[str, int]]]] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.histogram = histogram
         self.health = health
+        self.history = history
+        self._files: dict[str, bytes] = {}
+        self.processes = processes
+        self.workers = workers
         self.routes: dict[str, Callable[[], tuple[str, str, bytes]]] = {
             "/metrics": self.metrics,
             "/stats": self.stats,
             "/healthz": self.healthz,
         }
+        for path in PAGE_FILES:
+            self.routes[path] = partial(self.page_file, path)
+        # Routes that read the query string.
+        self.query_routes: dict[str, Callable[[str], tuple[str, str, bytes]]] = {
+            "/history": self.history_json,
+        }
 
     def metrics(self) -> tuple[str, str, bytes]:
-        # Both reads happen without yielding, so they describe the same instant.
-        text = render_prometheus(self.snapshot(), self.histogram())
+        # The reads happen without yielding, so they describe the same instant.
+        text = render_prometheus(
+            self.snapshot(),
+            self.histogram(),
+            upstream_up=self.health.upstream_up(),
+            processes=self.processes() if self.processes else (),
+            workers=self.workers() if self.workers else (),
+        )
         return "200 OK", CONTENT_TYPE, text.encode()
 
     def stats(self) -> tuple[str, str, bytes]:
@@ -148,10 +203,41 @@ class AdminApp:
         status = "200 OK" if healthy else "503 Service Unavailable"
         return status, "text/plain; charset=utf-8", f"{reason}\n".encode()
 
+    def history_json(self, query: str) -> tuple[str, str, bytes]:
+        """The samples of the last five minutes; ``?after=SEQ`` only those newer than SEQ."""
+        if self.history is None:
+            return "404 Not Found", "text/plain; charset=utf-8", b"no history kept\n"
+        values = parse_qs(query).get("after", ["-1"])
+        try:
+            after = int(values[-1])
+        except ValueError:
+            return "400 Bad Request", "text/plain; charset=utf-8", b"after: not a number\n"
+        document = self.history.document(after, __version__)
+        return "200 OK", "application/json", json.dumps(document, separators=(",", ":")).encode()
+
+    def page_file(self, path: str) -> tuple[str, str, bytes]:
+        name, ctype = PAGE_FILES[path]
+        body = self._files.get(name)
+        if body is None:  # read once, on first use: a missing file costs a 500, not the proxy
+            body = self._files[name] = (
+                resources.files(__package__).joinpath("static", name).read_bytes()
+            )
+        return "200 OK", ctype, body
+
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        route = self.routes.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        query_route = self.query_routes.get(path)
+        if query_route is not None:
+            route = partial(query_route, environ.get("QUERY_STRING", ""))
+        else:
+            route = self.routes.get(path)
         headers = [("Cache-Control", "no-store")]
+        if path in PAGE_FILES:
+            headers += [
+                ("Content-Security-Policy", PAGE_POLICY),
+                ("X-Content-Type-Options", "nosniff"),
+            ]
         if route is None:
             status, ctype, body = "404 Not Found", "text/plain; charset=utf-8", b"not found\n"
         elif method not in ("GET", "HEAD"):
@@ -224,7 +310,9 @@ class AdminServer:
         self.http.start()
         log.info(
             "admin started",
-            extra={"fields": {"address": self.address, "routes": "/metrics,/stats,/healthz"}},
+            extra={
+                "fields": {"address": self.address, "routes": "/,/history,/metrics,/stats,/healthz"}
+            },
         )
 
     def stop(self, timeout: float = 0.5) -> None:
@@ -241,9 +329,13 @@ def serve(
     snapshot: Callable[[], dict[str, Any]],
     histogram: Callable[[], tuple[list[int], int]],
     accepting: Callable[[], bool],
+    history: History | None = None,
+    processes: Callable[[], list[tuple[str | None, Figures]]] | None = None,
+    workers: Callable[[], list[tuple[str, dict[str, int]]]] | None = None,
 ) -> AdminServer:
     """Build and start the admin endpoint on a bound, listening socket."""
     health = HealthCheck(forward, connect_timeout, health_interval, accepting)
-    server = AdminServer(listener, AdminApp(snapshot, histogram, health), health)
+    app = AdminApp(snapshot, histogram, health, history, processes, workers)
+    server = AdminServer(listener, app, health)
     server.start()
     return server

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NoReturn
@@ -26,6 +27,7 @@ __all__ = [
     "load_with_file",
     "parse_address",
     "parse_env_file",
+    "unknown_environment",
 ]
 
 ENV_PREFIX = "GEVENTPROXY_"
@@ -56,6 +58,7 @@ class Config:
     connect_timeout: float = 5.0
     idle_timeout: float = 0.0
     fin_timeout: float = 1.0
+    client_fin_timeout: float = 5.0
     drain_timeout: float = 10.0
     max_line: int = DEFAULT_MAX_LINE
     strict: bool = False
@@ -67,6 +70,7 @@ class Config:
     state_file: str | None = None
     state_interval: float = 60.0
     health_interval: float = 2.0
+    report_interval: float = 0.0
     env_file: str | None = None
     worker_timeout: float = 30.0
 
@@ -141,6 +145,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+#: The shortest --report-interval: a line of about 1.5 KiB and a snapshot every 100 ms at most.
+MIN_REPORT_INTERVAL = 0.1
+
+
+def _report_interval(text: str) -> float:
+    value = _seconds(text)
+    if 0 < value < MIN_REPORT_INTERVAL:
+        raise ConfigError(f"{text!r}: use 0 (off) or at least {MIN_REPORT_INTERVAL * 1000:.0f}ms")
+    return value
+
+
 def _boolean(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -202,6 +217,14 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "without traffic (default 1s)",
     ),
     (
+        "client-fin-timeout",
+        _seconds,
+        "SECS",
+        "once the client has closed its side, wait this long without an upstream byte "
+        "for the replies it is still owed, then close (reason client_fin_timeout); "
+        "0 = wait for ever (default 5s)",
+    ),
+    (
         "drain-timeout",
         _seconds,
         "SECS",
@@ -253,7 +276,8 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "admin",
         _admin_address,
         "ADDR",
-        "serve /metrics, /stats and /healthz over HTTP on this address (default off)",
+        "serve the live page (/), /history, /metrics, /stats and /healthz over HTTP "
+        "on this address (default off)",
     ),
     ("state-file", str, "PATH", "keep the totals here across restarts (default none)"),
     (
@@ -267,6 +291,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         _seconds,
         "SECS",
         "how often /healthz re-checks that the upstream accepts connections (default 2s)",
+    ),
+    (
+        "report-interval",
+        _report_interval,
+        "SECS",
+        "also print the statistics line (as on USR1) every SECS; 0 = only on USR1 "
+        "and at exit (default 0)",
     ),
     (
         "env-file",
@@ -305,6 +336,10 @@ statistics (the JSON object; the README says more of each):
   latency_count, latency_unmatched, latency_dropped
   uptime_s
 
+commands:
+  geventproxy top ADMIN_ADDR  live terminal view of a proxy's -admin endpoint
+                              (the same figures as the page at http://ADMIN_ADDR/)
+
 every flag can also be set as GEVENTPROXY_<FLAG> in the environment,
 e.g. GEVENTPROXY_FORWARD=db1:8001 GEVENTPROXY_IDLE_TIMEOUT=300
 
@@ -338,6 +373,11 @@ def _parser() -> _Parser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
+        add_help=False,
+    )
+    # -help as well: the Go-style binaries of the task accept it.
+    parser.add_argument(
+        "-h", "-help", "--help", action="help", help="show this help message and exit"
     )
     for name, parse, metavar, text in _FLAGS:
         kwargs: dict[str, Any] = {
@@ -355,11 +395,28 @@ def _parser() -> _Parser:
     return parser
 
 
+def _variable(name: str) -> str:
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def unknown_environment(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each GEVENTPROXY_* variable that names no flag (a typo is silently ignored
+    otherwise), with the known variable it most resembles, if any."""
+    known = [_variable(name).removeprefix(ENV_PREFIX) for name, *_ in _FLAGS]
+    unknown = []
+    for var in sorted(env):
+        name = var.removeprefix(ENV_PREFIX)
+        if var.startswith(ENV_PREFIX) and name not in known:
+            like = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            unknown.append((var, ENV_PREFIX + like[0] if like else None))
+    return unknown
+
+
 def load(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Config:
     """Build the Config from the environment, then the command line."""
     values: dict[str, Any] = {}
     for name, parse, _metavar, _text in _FLAGS:
-        var = ENV_PREFIX + name.upper().replace("-", "_")
+        var = _variable(name)
         if env and var in env:
             try:
                 values[name.replace("-", "_")] = parse(env[var])
@@ -383,7 +440,7 @@ def parse_env_file(text: str, name: str) -> dict[str, str]:
     is the proxy's own: a name that is not a flag is an error (a typo must
     not pass silently), and so is a file that names another file.
     """
-    known = {ENV_PREFIX + flag.upper().replace("-", "_") for flag, *_ in _FLAGS}
+    known = {_variable(flag) for flag, *_ in _FLAGS}
     values: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

@@ -12,6 +12,12 @@ direction go on; anything else aborts both: shutting a socket down wakes
 whatever waits on it (a reader sees EOF, a writer EPIPE), so every loop
 returns through its normal exit and the handler closes the sockets only
 after both loops are done.
+
+A client's EOF ends the connection: a Foo server never closes first, so
+waiting for it would hold both sockets for ever. The EOF is passed on to
+the upstream at once; the connection then ends as soon as every line the
+client sent has been answered and the reply delivered (at once when none
+is owed), or after ``--client-fin-timeout`` without an upstream byte.
 """
 
 from __future__ import annotations
@@ -25,7 +31,18 @@ from gevent.event import Event
 
 from .codec import LineScanner, StrictFilter
 from .latency import RequestTimer
-from .relay import CLIENT_TO_UPSTREAM, PARKED, UPSTREAM_TO_CLIENT, Direction, Park, Tally, relay
+from .relay import (
+    ANSWERED,
+    CLIENT_SENDING,
+    CLIENT_TO_UPSTREAM,
+    PARKED,
+    UPSTREAM_TO_CLIENT,
+    Direction,
+    Park,
+    Tally,
+    relay,
+)
+from .stats import CLIENT_CLOSED, ERROR, UPSTREAM_CLOSED
 
 if TYPE_CHECKING:
     from gevent.hub import Hub
@@ -34,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EOF_REASONS", "Connection"]
 
-EOF_REASONS = ("client_closed", "upstream_closed")
+EOF_REASONS = (CLIENT_CLOSED, UPSTREAM_CLOSED)
 
 
 class Connection:
@@ -52,6 +69,7 @@ class Connection:
         "seen",
         "seen_at",
         "_up",
+        "_down",
         "_up_greenlet",
     )
 
@@ -67,6 +85,7 @@ class Connection:
         self.seen = 0  # bytes moved at the last sweep
         self.seen_at = self.started  # when that number last changed
         self._up: Direction | None = None
+        self._down: Direction | None = None
         self._up_greenlet: gevent.Greenlet | None = None  # None while parked
 
     # -- running ---------------------------------------------------------------
@@ -92,11 +111,11 @@ class Connection:
         down = Direction(
             hub, UPSTREAM_TO_CLIENT, upstream, client, LineScanner(max_line), timer.answered
         )
-        self._up = up
+        self._up, self._down = up, down
         done = Event()
 
         def run_up() -> None:
-            outcome = "error"
+            outcome = ERROR
             try:
                 outcome = relay(hub, up, stats, self.tally, bufsize, self.ended)
             finally:
@@ -118,13 +137,13 @@ class Connection:
             # Normally both loops are over here. Should this greenlet be killed
             # instead, stop the client side before its watchers and sockets go.
             if not done.is_set():
-                self.abort(self.reason or "error")
+                self.abort(self.reason or ERROR)
                 up.readable.stop()
                 if self._up_greenlet is not None:
                     self._up_greenlet.kill()
             up.close()
             down.close()
-        return self.reason or self.first_eof or "error"
+        return self.reason or self.first_eof or ERROR
 
     def park(self) -> bool:
         """Give back the client side's greenlet if it only waits for the client."""
@@ -136,16 +155,38 @@ class Connection:
 
     # -- ending ------------------------------------------------------------------
 
+    @property
+    def client_eof(self) -> bool:
+        """The client has half-closed: the connection waits only for owed replies."""
+        return self.tally.owed != CLIENT_SENDING
+
     def ended(self, outcome: str) -> None:
         """A direction has ended: a half-close lets the other go on; anything else ends both."""
-        if outcome in EOF_REASONS:
-            if self.first_eof is None:
-                self.first_eof = outcome
-            if outcome == "upstream_closed":
-                self.upstream_eof = True
-                self.seen_at = time.monotonic()  # the --fin-timeout runs from here
-        else:
+        if outcome == ANSWERED:
+            return  # the client is done and has every reply: both loops are over
+        if outcome not in EOF_REASONS:
             self.abort(outcome)
+            return
+        if self.first_eof is None:
+            self.first_eof = outcome
+        self.seen_at = time.monotonic()  # --fin-timeout / --client-fin-timeout run from here
+        if outcome == UPSTREAM_CLOSED:
+            self.upstream_eof = True
+        else:
+            self._client_done()
+
+    def _client_done(self) -> None:
+        """The client half-closed: end now if nothing is owed, else when the last reply is out."""
+        up, down, tally = self._up, self._down, self.tally
+        assert up is not None and down is not None
+        # An unfinished last line is answered too (the server reads it at EOF).
+        unfinished = 1 if isinstance(up.scanner, LineScanner) and up.scanner.pending else 0
+        tally.owed = tally.lines[CLIENT_TO_UPSTREAM] + unfinished
+        # The upstream-to-client loop checks ``owed`` after each chunk it sends in
+        # full. Waiting for the upstream with nothing owed (its watcher is active
+        # only there, not in the middle of a send), it would wait for ever: end it.
+        if tally.lines[UPSTREAM_TO_CLIENT] >= tally.owed and down.readable.active:
+            self.abort(CLIENT_CLOSED)
 
     def abort(self, reason: str) -> None:
         """End both directions now; safe from a relay, the sweeper or the drain."""

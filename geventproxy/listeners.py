@@ -63,22 +63,27 @@ def make_listener(address: Address, backlog: int = 1024) -> socket.socket:
     raise error
 
 
-def open_listener(address: Address) -> socket.socket | None:
-    """``make_listener``, or None after logging why it failed (a port in use...)."""
+def open_listener(address: Address, flag: str = "-listen") -> socket.socket | None:
+    """``make_listener``, or None after logging why it failed (a port in use...).
+
+    ``flag`` names the listener in that line: ``-listen`` or ``-admin``.
+    """
     try:
         return make_listener(address)
     except OSError as exc:
         log.error(
-            "cannot listen",
+            f"cannot listen on the {flag} address",
             extra={"fields": {"address": str(address), "error": exc.strerror or str(exc)}},
         )
         return None
 
 
 def format_address(address: Any) -> str:
-    """A socket address as host:port, [v6]:port for IPv6."""
+    """A socket address as host:port, [v6]:port for IPv6, IPv4-mapped IPv6 as IPv4."""
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
+        if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on the dual-stack listener: print it as IPv4
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(address)
 

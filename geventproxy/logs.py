@@ -2,7 +2,10 @@
 
 stdout belongs to the statistics reports; nothing here writes to it.
 Structured fields are passed as ``extra={"fields": {...}}`` and rendered as
-``key=value`` pairs (text) or as keys of the JSON object.
+``key=value`` pairs (text) or as keys of the JSON object; a field whose value
+is None is left out. Both formats carry the same fields, with the same
+timestamp (ISO-8601 UTC, milliseconds); JSON adds ``pid``. ``setup`` may add
+fields to every line of the process, such as a worker's number.
 """
 
 from __future__ import annotations
@@ -32,11 +35,25 @@ def _value(v: Any) -> str:
     return text
 
 
-class _TextFormatter(logging.Formatter):
+def _timestamp(record: logging.LogRecord) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, context: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.context = {k: v for k, v in (context or {}).items() if v is not None}
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        own = getattr(record, "fields", None) or {}
+        return {**self.context, **{k: v for k, v in own.items() if v is not None}}
+
+
+class _TextFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname.lower()} {record.getMessage()}"
-        fields = getattr(record, "fields", None)
+        line = f"{_timestamp(record)} {record.levelname.lower()} {record.getMessage()}"
+        fields = self.fields(record)
         if fields:
             line += " " + " ".join(f"{k}={_value(v)}" for k, v in fields.items())
         if record.exc_info:
@@ -44,27 +61,29 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
-class _JsonFormatter(logging.Formatter):
+class _JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
             "pid": record.process,
         }
-        obj.update(getattr(record, "fields", None) or {})
+        obj.update(self.fields(record))
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return json.dumps(obj, default=str)
 
 
-def setup(level: str = "info", fmt: str = "text") -> logging.Logger:
-    """Route the project's logger to stderr; idempotent."""
+def setup(
+    level: str = "info", fmt: str = "text", context: dict[str, Any] | None = None
+) -> logging.Logger:
+    """Route the project's logger to stderr; idempotent. ``context``: fields for every line."""
     logger = logging.getLogger(LOGGER)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    handler.setFormatter((_JsonFormatter if fmt == "json" else _TextFormatter)(context))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False

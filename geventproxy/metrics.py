@@ -2,10 +2,17 @@
 
 Pure: a report from ``stats.snapshot`` and a histogram from
 ``stats.latency_histogram`` in, text out. Every name starts with
-``geventproxy_``; counters end in ``_total``; units are in the names. Labels
-come from fixed sets only (``direction``, ``type``, ``reason``, and the
-``version`` of ``geventproxy_build_info``), so the number of series never
-depends on traffic.
+``geventproxy_``, except the ``process_*`` family every exporter shares;
+counters end in ``_total``; units are in the names. Labels come from fixed
+sets only (``direction``, ``type``, ``reason``, the ``version`` of
+``geventproxy_build_info``, and ``worker``, one value per worker process and
+``parent``), so the number of series never depends on traffic.
+
+With ``-workers`` the ``geventproxy_*`` totals are the exact sums over the
+workers, unlabelled as with one process; what differs per process (its
+``process_*`` figures, its connections, its share of the requests) is
+labelled ``worker``, under names of its own so that a ``sum()`` never counts
+a request twice.
 
 The report's moving-window rates and recent-latency percentiles are left
 out on purpose: a scrape every 15 s would sample a 1 s window at random,
@@ -16,10 +23,11 @@ and Prometheus computes both from the counters and the histogram, e.g.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import __version__
+from .process import Figures
 from .stats import CLOSE_REASONS, DIRECTIONS, LATENCY_BOUNDS_US, MSG_KINDS
 
 __all__ = ["CONTENT_TYPE", "render_prometheus"]
@@ -97,16 +105,22 @@ class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def family(self, name: str, kind: str, text: str) -> None:
-        self.lines.append(f"# HELP {PREFIX}{name} {_escape_help(text)}")
-        self.lines.append(f"# TYPE {PREFIX}{name} {kind}")
+    def family(self, name: str, kind: str, text: str, prefix: str = PREFIX) -> None:
+        self.lines.append(f"# HELP {prefix}{name} {_escape_help(text)}")
+        self.lines.append(f"# TYPE {prefix}{name} {kind}")
 
-    def sample(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
+    def sample(
+        self,
+        name: str,
+        value: float,
+        labels: Mapping[str, str] | None = None,
+        prefix: str = PREFIX,
+    ) -> None:
         if labels:
             body = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-            self.lines.append(f"{PREFIX}{name}{{{body}}} {_number(value)}")
+            self.lines.append(f"{prefix}{name}{{{body}}} {_number(value)}")
         else:
-            self.lines.append(f"{PREFIX}{name} {_number(value)}")
+            self.lines.append(f"{prefix}{name} {_number(value)}")
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -130,9 +144,69 @@ def _histogram(out: _Writer, name: str, counts: Iterable[int], sum_us: int) -> N
     out.sample(f"{name}_count", cumulative)
 
 
-def render_prometheus(report: Mapping[str, Any], histogram: tuple[list[int], int]) -> str:
-    """``report`` (from ``stats.snapshot``) and ``histogram`` as one exposition text."""
+# process_* families: name, type, help, the Figures field.
+_PROCESS = (
+    ("open_fds", "gauge", "Open file descriptors.", "open_fds"),
+    ("max_fds", "gauge", "The limit on open file descriptors (soft RLIMIT_NOFILE).", "max_fds"),
+    ("resident_memory_bytes", "gauge", "Resident memory size.", "resident_memory_bytes"),
+    ("virtual_memory_bytes", "gauge", "Virtual memory size.", "virtual_memory_bytes"),
+    ("cpu_seconds_total", "counter", "User and system CPU time spent.", "cpu_seconds_total"),
+    (
+        "start_time_seconds",
+        "gauge",
+        "When the process started, in seconds since the Unix epoch.",
+        "start_time_seconds",
+    ),
+)
+
+# Per-worker families: name, type, help, the stats.worker_figures field.
+_WORKER = (
+    (
+        "worker_connections_active",
+        "gauge",
+        "Client connections open now in this worker.",
+        "connections_active",
+    ),
+    (
+        "worker_connections_total",
+        "counter",
+        "Client connections this worker's slot accepted and handled.",
+        "connections_total",
+    ),
+    (
+        "worker_requests_total",
+        "counter",
+        "REQ messages this worker's slot forwarded to the upstream.",
+        "requests",
+    ),
+)
+
+
+def _processes(out: _Writer, processes: Sequence[tuple[str | None, Figures]]) -> None:
+    for name, kind, text, field in _PROCESS:
+        out.family(name, kind, text, prefix="process_")
+        for worker, figures in processes:
+            labels = None if worker is None else {"worker": worker}
+            out.sample(name, getattr(figures, field), labels, prefix="process_")
+
+
+def render_prometheus(
+    report: Mapping[str, Any],
+    histogram: tuple[list[int], int],
+    *,
+    upstream_up: bool | None = None,
+    processes: Sequence[tuple[str | None, Figures]] = (),
+    workers: Sequence[tuple[str, Mapping[str, int]]] = (),
+) -> str:
+    """``report`` (from ``stats.snapshot``) and ``histogram`` as one exposition text.
+
+    ``upstream_up`` is the health check's verdict (left out when there is no
+    check); ``processes`` the ``process_*`` figures, unlabelled for a single
+    process or by ``worker``; ``workers`` each worker's ``stats.worker_figures``.
+    """
     out = _Writer()
+    if processes:
+        _processes(out, processes)
     out.family("build_info", "gauge", "Always 1; the version is in the label.")
     out.sample("build_info", 1, {"version": __version__})
     out.family("uptime_seconds", "gauge", "Seconds since the proxy started.")
@@ -167,4 +241,16 @@ def render_prometheus(report: Mapping[str, Any], histogram: tuple[list[int], int
 
     counts, sum_us = histogram
     _histogram(out, "upstream_response_seconds", counts, sum_us)
+
+    if upstream_up is not None:
+        out.family(
+            "upstream_up",
+            "gauge",
+            "1 if the last health check connected to the upstream (and is recent), else 0.",
+        )
+        out.sample("upstream_up", int(upstream_up))
+    for name, kind, text, field in _WORKER if workers else ():
+        out.family(name, kind, text)
+        for worker, figures in workers:
+            out.sample(name, figures[field], {"worker": worker})
     return out.text()

@@ -26,6 +26,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from greenlet import getcurrent
 
 from .codec import Counts, LineScanner, StrictFilter
+from .stats import (
+    CLIENT_CLOSED,
+    CLIENT_RESET,
+    ERROR,
+    STRICT_VIOLATION,
+    UPSTREAM_CLOSED,
+    UPSTREAM_RESET,
+)
 
 if TYPE_CHECKING:
     from gevent.hub import Hub
@@ -33,6 +41,8 @@ if TYPE_CHECKING:
     from .stats import Stats
 
 __all__ = [
+    "ANSWERED",
+    "CLIENT_SENDING",
     "CLIENT_TO_UPSTREAM",
     "PARKED",
     "UPSTREAM_TO_CLIENT",
@@ -44,23 +54,41 @@ __all__ = [
 
 CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT = 0, 1
 PARKED = "parked"
+#: The upstream-to-client loop's outcome once every reply the client is owed is delivered.
+ANSWERED = "answered"
 
 # Why a direction ended, by direction: (source EOF, source error, destination error).
 _OUTCOMES = (
-    ("client_closed", "client_reset", "upstream_reset"),
-    ("upstream_closed", "upstream_reset", "client_reset"),
+    (CLIENT_CLOSED, CLIENT_RESET, UPSTREAM_RESET),
+    (UPSTREAM_CLOSED, UPSTREAM_RESET, CLIENT_RESET),
 )
 _RESETS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
-class Tally:
-    """What one connection moved, per direction; the idle sweeper watches it."""
+def _failed(exc: OSError, reset: str) -> str:
+    """The close reason for a socket error: the peer's ``reset``, or ERROR for anything else."""
+    return reset if isinstance(exc, _RESETS) else ERROR
 
-    __slots__ = ("bytes", "messages", "violation")
+
+#: ``Tally.owed`` while the client may still send: more replies than any connection sees.
+CLIENT_SENDING = 1 << 62
+
+
+class Tally:
+    """What one connection moved, per direction; the idle sweeper watches it.
+
+    ``lines`` counts complete lines, well-formed or not: a Foo server answers
+    every line it reads with one line, so once the client has half-closed,
+    the connection is done when ``lines[UPSTREAM_TO_CLIENT]`` reaches
+    ``owed``, the number of replies its requests call for.
+    """
+
+    __slots__ = ("bytes", "lines", "owed", "violation")
 
     def __init__(self) -> None:
         self.bytes = [0, 0]
-        self.messages = [0, 0]
+        self.lines = [0, 0]
+        self.owed = CLIENT_SENDING
         self.violation: bytes | None = None  # strict mode: the start of the offending line
 
 
@@ -103,15 +131,15 @@ def relay(
     hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: int, ended: Callable[[str], None]
 ) -> str:
     """Run one direction until it ends or is parked; tell ``ended`` when it ends."""
-    outcome = "error"
+    outcome = ERROR
     readable = d.readable
     readable.start(getcurrent().switch)  # the loop resumes this greenlet when src is readable
     try:
         if isinstance(d.scanner, StrictFilter):
             outcome = _copy_strict(hub, d, stats, tally, bufsize)
         else:
-            # A plain positional call: CPython runs it in this C frame, so a parked
-            # greenlet saves less stack.
+            # On 3.11+ a Python-to-Python call runs in the caller's C frame, so a
+            # parked greenlet saves less stack (3.9 and 3.10 nest a C frame per call).
             outcome = _copy(
                 hub,
                 d.index,
@@ -173,10 +201,13 @@ def _copy(
     tally: Tally,
     bufsize: int,
 ) -> str:
-    """Copy ``src`` to ``dst`` until EOF, an error or a Park; return which.
+    """Copy ``src`` to ``dst`` until EOF, an error, a Park or ANSWERED; return which.
 
     On EOF the write side of ``dst`` is shut down, so the peer sees the
-    half-close and the other direction carries on.
+    half-close and the other direction carries on. ANSWERED ends the
+    upstream-to-client loop once the client has half-closed and the last
+    reply it is owed has been sent in full (the client-to-upstream loop has
+    returned by then, so the check never fires there).
     """
     eof, src_error, dst_error = _OUTCOMES[direction]
     wait_readable = hub.switch  # returns when ``readable`` fires (see relay())
@@ -184,7 +215,7 @@ def _copy(
     send = dst.send
     record = stats.record
     moved = tally.bytes
-    messages = tally.messages
+    lines = tally.lines
     while True:
         try:
             wait_readable()
@@ -195,7 +226,7 @@ def _copy(
         except BlockingIOError:
             continue
         except OSError as exc:
-            return src_error if isinstance(exc, _RESETS) else "error"
+            return _failed(exc, src_error)
         if not data:
             _half_close(dst)
             return eof
@@ -205,7 +236,7 @@ def _copy(
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            return dst_error if isinstance(exc, _RESETS) else "error"
+            return _failed(exc, dst_error)
         # Then count: a few additions per chunk, the clock only if messages completed.
         # (Before finishing a partial send: replies to the part already sent may be
         # relayed while this loop waits, and must find their REQs timed.)
@@ -215,13 +246,15 @@ def _copy(
         now = record(direction, n, counts)
         if now:
             on_messages(now, counts)
-            messages[direction] += counts[0] + counts[1] + counts[2]
+        lines[direction] += counts[0] + counts[1] + counts[2] + counts[3]
         # Wait for writability only if the kernel took less than the chunk.
         if sent < n:
             try:
                 _send_rest(hub, readable, writable, send, data, sent)
             except OSError as exc:
-                return dst_error if isinstance(exc, _RESETS) else "error"
+                return _failed(exc, dst_error)
+        if lines[1] >= tally.owed:  # UPSTREAM_TO_CLIENT; see the docstring
+            return ANSWERED
 
 
 def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: int) -> str:
@@ -243,7 +276,7 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
         except BlockingIOError:
             continue
         except OSError as exc:
-            return src_error if isinstance(exc, _RESETS) else "error"
+            return _failed(exc, src_error)
         if not data:
             _half_close(d.dst)
             return eof
@@ -254,18 +287,18 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                return dst_error if isinstance(exc, _RESETS) else "error"
+                return _failed(exc, dst_error)
             tally.bytes[CLIENT_TO_UPSTREAM] += len(good)
             now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
             if now:  # counted before the rest is sent, as in _copy
                 d.on_messages(now, counts)
-            tally.messages[CLIENT_TO_UPSTREAM] += counts[0]
+            tally.lines[CLIENT_TO_UPSTREAM] += counts[0]
             if sent < len(good):
                 try:
                     _send_rest(hub, d.readable, d.writable, d.dst.send, good, sent)
                 except OSError as exc:
-                    return dst_error if isinstance(exc, _RESETS) else "error"
+                    return _failed(exc, dst_error)
         if violation is not None:
             stats.record(CLIENT_TO_UPSTREAM, 0, (0, 0, 0, 1))
             tally.violation = violation
-            return "strict_violation"
+            return STRICT_VIOLATION

@@ -1,8 +1,9 @@
 """The statistics report: one JSON object per line on stdout.
 
-Only the parent process writes reports, one at a time from its loop, so
-two never interleave, and a stdout that nobody reads stalls the parent for
-at most a timeout, never a worker serving clients.
+Only the parent process writes reports, one at a time from its loop (on
+USR1, every --report-interval, and at exit), so two never interleave, and a
+stdout that nobody reads stalls the parent for at most a timeout, never a
+worker serving clients.
 """
 
 from __future__ import annotations

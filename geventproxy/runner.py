@@ -11,12 +11,14 @@ after either closes every connection at once.
 
 Each step that needs undoing is entered on an ExitStack as it starts, so
 the stop runs the same steps in reverse order even when one of them raises.
-The parent owns the reports and the state file.
+The parent owns the reports, the state file and the live page's history;
+worker 0 serves them over -admin with the figures of every worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -27,13 +29,15 @@ from collections.abc import Callable, Iterator
 import gevent
 from gevent.event import Event
 
-from . import __version__, signals
+from . import __version__, process, signals
 from .admin import AdminServer, serve
 from .config import Config
+from .history import History
 from .listeners import format_address
 from .logs import setup
 from .server import ProxyServer
-from .stats import Block, Stats, latency_histogram, snapshot
+from .sharedstats import SharedStats
+from .stats import Stats, latency_histogram, set_pid, snapshot, worker_figures
 from .workerset import HANDED_OVER
 
 __all__ = ["run"]
@@ -47,40 +51,42 @@ HEARTBEAT_INTERVAL = 1.0
 def run(
     config: Config,
     listener: socket.socket,
-    stats: Stats,
+    shared: SharedStats,
+    block: int,
     *,
     worker: int,
-    blocks: Callable[[], list[Block]],
     admin_listener: socket.socket | None = None,
     ready: Callable[[], None] = lambda: None,
-    beat: Callable[[], None] = lambda: None,
 ) -> int:
-    """Serve until TERM or USR2; the exit status.
+    """Serve until TERM or USR2, counting into ``shared``'s ``block``; the exit status.
 
-    ``blocks`` gives the blocks the admin endpoint sums (every worker's, and
-    the saved totals); ``ready`` tells the parent this worker accepts;
-    ``beat`` records that its event loop runs.
+    ``ready`` tells the parent this worker accepts. The admin endpoint, if
+    this worker is handed its socket, sums every used block of ``shared``.
     """
-    log = setup(config.log_level, config.log_format)
+    log = setup(config.log_level, config.log_format, {"worker": worker})
+    process.set_name(f"geventproxy w{worker}")
+    stats = Stats(shared.blocks[block], mark_start=False)
+    set_pid(stats.block, os.getpid())
     server = ProxyServer(listener, config, stats)
-    # Workers share one listening socket and all wake for each new client: taking
-    # one client per wake-up lets the least busy worker take the next one.
-    server.max_accept = 1
+    if config.workers > 1:
+        # Workers share one listening socket and all wake for each new client: taking
+        # one client per wake-up lets the least busy worker take the next one.
+        server.max_accept = 1
     stop, force, retire = Event(), Event(), Event()
     signals.install(stop=stop.set, force=force.set, retire=lambda: (retire.set(), stop.set()))
     # The parent started this worker with these blocked; the handlers are in place now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDED_OVER)
     with contextlib.ExitStack() as stack:
-        stack.callback(log.info, "exit", extra={"fields": {"worker": worker}})
+        stack.callback(log.info, "exit")
         server.start()
         admin = stack.enter_context(contextlib.ExitStack())
         if admin_listener is not None:
-            admin.callback(_serve_admin(config, server, blocks, admin_listener).stop)
+            admin.callback(_serve_admin(config, server, shared, admin_listener).stop)
         interval = min(HEARTBEAT_INTERVAL, config.worker_timeout / 4 or HEARTBEAT_INTERVAL)
-        stack.enter_context(_background(_heartbeat, beat, interval))
+        stack.enter_context(_background(_heartbeat, lambda: shared.beat(block), interval))
         stack.enter_context(_background(_stop_when_orphaned, os.getppid(), stop, log))
-        stack.callback(_drain, server, config, force, log, worker)
-        _log_serving(log, server, config, worker)
+        stack.callback(_drain, server, config, force, log)
+        _log_serving(log, server, config)
         ready()
         stop.wait()
         if retire.is_set():
@@ -89,20 +95,36 @@ def run(
 
 
 def _serve_admin(
-    config: Config,
-    server: ProxyServer,
-    blocks: Callable[[], list[Block]],
-    listener: socket.socket,
+    config: Config, server: ProxyServer, shared: SharedStats, listener: socket.socket
 ) -> AdminServer:
     return serve(
         listener,
         forward=config.forward,
         connect_timeout=config.connect_timeout,
         health_interval=config.health_interval,
-        snapshot=lambda: snapshot(blocks(), time.monotonic_ns()),
-        histogram=lambda: latency_histogram(blocks()),
+        snapshot=lambda: snapshot(shared.used(), time.monotonic_ns()),
+        histogram=lambda: latency_histogram(shared.used()),
         accepting=lambda: not server.closed,
+        history=History(shared.history),
+        processes=functools.partial(_processes, shared, os.getppid()),
+        workers=lambda: [(str(slot), worker_figures(b)) for slot, b in shared.serving()],
     )
+
+
+def _processes(shared: SharedStats, parent: int) -> list[tuple[str | None, process.Figures]]:
+    """The serving workers, each by its ``worker`` label, and the parent."""
+    found = []
+    for slot, block in shared.serving():
+        pid = worker_figures(block)["pid"]
+        figures = process.figures(pid)
+        # A pid read a moment ago may by now be another process's: its parent tells.
+        if figures is not None and figures.ppid == parent:
+            found.append((str(slot), figures))
+    # Orphaned (the parent killed), this worker's parent is now some other process.
+    figures = process.figures(parent) if os.getppid() == parent else None
+    if figures is not None:
+        found.append(("parent", figures))
+    return found
 
 
 @contextlib.contextmanager
@@ -130,13 +152,12 @@ def _stop_when_orphaned(parent: int, stop: Event, log: logging.Logger) -> None:
     stop.set()
 
 
-def _log_serving(log: logging.Logger, server: ProxyServer, config: Config, worker: int) -> None:
+def _log_serving(log: logging.Logger, server: ProxyServer, config: Config) -> None:
     log.info(
         "serving",
         extra={
             "fields": {
                 "address": format_address(server.address),
-                "worker": worker,
                 "forward": str(config.forward),
                 "version": __version__,
                 "max_connections": config.max_connections,
@@ -149,18 +170,11 @@ def _log_serving(log: logging.Logger, server: ProxyServer, config: Config, worke
     )
 
 
-def _drain(
-    server: ProxyServer, config: Config, force: Event, log: logging.Logger, worker: int
-) -> None:
+def _drain(server: ProxyServer, config: Config, force: Event, log: logging.Logger) -> None:
+    open_now = len(server.connections)
     log.info(
         "draining",
-        extra={
-            "fields": {
-                "worker": worker,
-                "connections": len(server.connections),
-                "drain_timeout_s": config.drain_timeout,
-            }
-        },
+        extra={"fields": {"connections": open_now, "drain_timeout_s": config.drain_timeout}},
     )
     drainer = gevent.spawn(server.drain, config.drain_timeout)
     gevent.wait([drainer, force], count=1)

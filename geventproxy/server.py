@@ -1,10 +1,11 @@
 """Accept clients, dial the upstream for each, relay both directions, close.
 
-A client's handler owns its two sockets: it opens the upstream, runs the two
-copy loops (it runs the upstream-to-client one itself and spawns a greenlet
-for the other), joins that greenlet, and closes both sockets only after both
-loops have returned. An error on one connection ends that connection alone;
-the listener never sees it.
+A client's handler owns its two sockets: it opens the upstream (upstream.py),
+runs the connection (connection.py: two copy loops, the handler running one
+itself and joining the greenlet of the other), and closes both sockets only
+after both loops have returned. An error on one connection ends that
+connection alone; the listener never sees it. Deadlines are the sweeper's
+(sweeper.py).
 """
 
 from __future__ import annotations
@@ -20,65 +21,32 @@ import gevent.socket
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from .config import Address, Config
+from .config import Config
 from .connection import Connection
 from .listeners import format_address, make_listener, open_listener
 from .logs import LOGGER, RateLimit, escape
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT
-from .stats import Stats
+from .stats import ERROR, SHUTDOWN, STRICT_VIOLATION, UPSTREAM_UNAVAILABLE, Stats
+from .sweeper import Sweeper
+from .upstream import RESOURCE_ERRNOS, Dialer, OutOfDescriptors, plain_socket
 
 __all__ = ["ProxyServer", "format_address", "make_listener", "open_listener"]
 
 log = logging.getLogger(LOGGER)
 
-# accept() failures that mean "out of a resource": back off instead of spinning.
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() failures caused by the one client that gave up: ignore.
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 
 
-#: TCP keepalive on both sockets of a connection: a peer that vanished without
-#: a FIN or RST (a crashed host, a cut cable) is found after about
-#: idle + interval * count seconds, here 60 + 10 * 6 = 2 minutes.
-KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
-
-
-def _plain(sock: Any, send_buffer: int | None = None) -> socket.socket:
-    """The same connection as a standard-library socket: its methods are C calls."""
-    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-    sock.close()  # releases the gevent wrapper's watchers now, not when it is collected
-    raw.setblocking(False)
-    if send_buffer:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in KEEPALIVE:
-        if hasattr(socket, name):  # Linux names; other systems keep their defaults
-            raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    return raw
-
-
-def _connect(address: Address, timeout: float | None) -> Any:
-    """Dial ``address``, each resolved address in turn, all within one ``timeout``.
-
-    create_connection's own timeout covers each connect() alone; this
-    deadline also covers the name lookup (a DNS server that never answers)
-    and the sum over several addresses.
-    """
-    deadline = gevent.Timeout(timeout)
-    deadline.start()
-    try:
-        return gevent.socket.create_connection((address.host, address.port), timeout=timeout)
-    except gevent.Timeout as exc:
-        if exc is not deadline:
-            raise
-        raise TimeoutError("timed out") from None
-    finally:
-        deadline.close()
-
-
 class ProxyServer(StreamServer):
-    """The proxy's listener. Tunables are the Config fields and the attributes below."""
+    """The proxy's listener. Tunables are the Config fields and the attributes below.
+
+    gevent's own accept back-off (``min_delay``/``max_delay``) is not used:
+    it reports every failure through the hub as a traceback, and restarts
+    after any accept, while this one logs one line per 5 s, counts
+    ``accept_errors``, also pauses when the upstream socket cannot be made,
+    and restarts only once a client is really served.
+    """
 
     #: Bytes read from a socket at once: the most a relay holds per direction.
     buffer_size = 65536
@@ -104,8 +72,14 @@ class ProxyServer(StreamServer):
         self._resume_timer: Any = None  # at most one pending resume of accepting
         self._accept_log = RateLimit(5.0)
         self._refuse_log = RateLimit(5.0)
-        self._upstream_log = RateLimit(1.0)
-        self._sweeper: gevent.Greenlet | None = None
+        self.dialer = Dialer(config.forward, config.connect_timeout, stats, self.send_buffer)
+        self.sweeper = Sweeper(
+            self.connections,
+            config,
+            self.park_after,
+            self.sweep_interval,
+            finished=lambda: self.closed and not self.connections,
+        )
 
     # -- accepting -----------------------------------------------------------
 
@@ -115,7 +89,7 @@ class ProxyServer(StreamServer):
         except OSError as exc:
             if exc.errno in _CLIENT_ERRNOS:
                 return None
-            if exc.errno not in _RESOURCE_ERRNOS:
+            if exc.errno not in RESOURCE_ERRNOS:
                 raise
             self.stats.incr("accept_errors")
             self._pause_accepting(exc)
@@ -155,79 +129,60 @@ class ProxyServer(StreamServer):
         stats = self.stats
         limit = self.config.max_connections
         if limit and len(self.connections) >= limit:
-            stats.incr("connections_refused")
-            suppressed = self._refuse_log.allow()
-            if suppressed is not None:
-                log.warning(
-                    "connection refused: limit reached",
-                    extra={
-                        "fields": {
-                            "peer": format_address(address),
-                            "max_connections": limit,
-                            "suppressed": suppressed,
-                        }
-                    },
-                )
+            self._refuse(address, limit)
             return  # the server closes the client socket
         self._next_id += 1
         conn = Connection(self._next_id, format_address(address))
         self.connections.add(conn)
         stats.incr("connections_total")
         stats.incr("connections_active")
-        client_sock = _plain(client, self.send_buffer)
-        upstream = None
+        client_sock = upstream = None
         try:
+            client_sock = plain_socket(client, self.send_buffer)
             upstream = self._dial(conn)
             if upstream is not None:
                 self._relay(conn, client_sock, upstream)
         finally:
             # Every connection counted in connections_total gets exactly one reason.
-            stats.closed(conn.reason or "error")
+            stats.closed(conn.reason or ERROR)
             if upstream is not None:
                 upstream.close()
-            client_sock.close()
+            (client if client_sock is None else client_sock).close()
             self.connections.discard(conn)
             stats.incr("connections_active", -1)
 
-    def _dial(self, conn: Connection) -> socket.socket | None:
-        target = self.config.forward
-        timeout = self.config.connect_timeout or None
-        try:
-            sock = _connect(target, timeout)
-        except OSError as exc:
-            # A lookup error's errno is a resolver code, not an errno: never "out of descriptors".
-            if exc.errno in _RESOURCE_ERRNOS and not isinstance(exc, socket.gaierror):
-                # No descriptor left for the upstream socket: the proxy's own shortage,
-                # not the upstream's fault. Count it with the accept failures and stop
-                # taking clients (which would only be closed in turn) for a while.
-                self.stats.incr("accept_errors")
-                self._pause_accepting(exc, "no descriptor for the upstream connection")
-                conn.reason = "error"
-                return None
-            timed_out = isinstance(exc, TimeoutError)
-            self.stats.incr(
-                "upstream_connect_timeouts" if timed_out else "upstream_connect_failures"
+    def _refuse(self, address: Any, limit: int) -> None:
+        self.stats.incr("connections_refused")
+        suppressed = self._refuse_log.allow()
+        if suppressed is not None:
+            log.warning(
+                "connection refused: limit reached",
+                extra={
+                    "fields": {
+                        "peer": format_address(address),
+                        "max_connections": limit,
+                        "suppressed": suppressed,
+                    }
+                },
             )
-            conn.reason = "upstream_unavailable"
-            suppressed = self._upstream_log.allow()
-            if suppressed is not None:
-                log.warning(
-                    "upstream connect timed out" if timed_out else "upstream connect failed",
-                    extra={
-                        "fields": {
-                            "conn": conn.id,
-                            "peer": conn.peer,
-                            "upstream": str(target),
-                            "error": str(exc) or type(exc).__name__,
-                            "suppressed": suppressed,
-                        }
-                    },
-                )
+
+    def _dial(self, conn: Connection) -> socket.socket | None:
+        try:
+            sock = self.dialer.dial(conn.id, conn.peer)
+        except OutOfDescriptors as exc:
+            # The proxy's own shortage: count it with the accept failures and stop
+            # taking clients (which would only be closed in turn) for a while.
+            self.stats.incr("accept_errors")
+            self._pause_accepting(exc.error, "no descriptor for the upstream connection")
+            conn.reason = ERROR
+            return None
+        if sock is None:
+            conn.reason = UPSTREAM_UNAVAILABLE
             return None
         # The back-off restarts only once a client is really served: an accept that
         # succeeds while the upstream socket cannot be made is no recovery.
         self._accept_retry = self.accept_retry_min
-        return _plain(sock, self.send_buffer)
+        return sock
 
     def _relay(self, conn: Connection, client: socket.socket, upstream: socket.socket) -> None:
         config, stats, hub = self.config, self.stats, gevent.get_hub()
@@ -242,7 +197,7 @@ class ProxyServer(StreamServer):
             hub, client, upstream, stats, config.max_line, self.buffer_size, config.strict
         )
         conn.reason = reason  # counted by handle(), once the sockets are closed
-        if reason == "strict_violation":
+        if reason == STRICT_VIOLATION:
             log.warning(
                 "client broke strict mode",
                 extra={
@@ -265,47 +220,31 @@ class ProxyServer(StreamServer):
                         "duration_s": round(time.monotonic() - conn.started, 3),
                         "bytes_in": t.bytes[CLIENT_TO_UPSTREAM],
                         "bytes_out": t.bytes[UPSTREAM_TO_CLIENT],
-                        "msgs_in": t.messages[CLIENT_TO_UPSTREAM],
-                        "msgs_out": t.messages[UPSTREAM_TO_CLIENT],
+                        "lines_in": t.lines[CLIENT_TO_UPSTREAM],
+                        "lines_out": t.lines[UPSTREAM_TO_CLIENT],
                     }
                 },
             )
 
-    # -- timeouts and shutdown ---------------------------------------------------
+    # -- start and stop --------------------------------------------------------
 
     def start(self) -> None:
         # The resolver is imported and built on first use; under descriptor
         # exhaustion that import itself fails (EMFILE opening its source file).
         gevent.get_hub().resolver  # noqa: B018
         super().start()
-        config = self.config
-        timeouts = [t for t in (config.idle_timeout, config.fin_timeout, self.park_after) if t > 0]
-        if self._sweeper is None:
-            tick = min(self.sweep_interval, max(0.02, min(timeouts, default=1.0) / 4))
-            self._sweeper = gevent.spawn(self._sweep_forever, tick)
+        self.sweeper.start()
 
-    def _sweep_forever(self, tick: float) -> None:
-        while True:
-            gevent.sleep(tick)
-            self.sweep(time.monotonic())
+    def close(self) -> None:
+        """Stop accepting for good, with the pending accept resume.
 
-    def sweep(self, now: float) -> None:
-        """Close connections past their idle or half-closed deadline; park idle ones."""
-        idle_timeout, fin_timeout = self.config.idle_timeout, self.config.fin_timeout
-        for conn in list(self.connections):
-            if not conn.sockets:
-                continue  # still dialling: --connect-timeout is in charge
-            moved = conn.tally.bytes[0] + conn.tally.bytes[1]
-            if moved != conn.seen:
-                conn.seen, conn.seen_at = moved, now
-                continue
-            idle = now - conn.seen_at
-            if conn.upstream_eof and fin_timeout and idle >= fin_timeout:
-                conn.abort("upstream_closed")
-            elif idle_timeout and idle >= idle_timeout:
-                conn.abort("idle_timeout")
-            elif idle >= self.park_after:
-                conn.park()
+        The sweeper goes on while connections remain (their timeouts still
+        hold during a drain) and ends by itself with the last of them.
+        """
+        super().close()
+        if self._resume_timer is not None:
+            self._resume_timer.close()
+            self._resume_timer = None
 
     def drain(self, timeout: float) -> int:
         """Stop accepting, let connections finish for ``timeout``, then close the rest.
@@ -323,8 +262,7 @@ class ProxyServer(StreamServer):
             self.close()
         left = list(self.connections)
         for conn in left:
-            conn.abort("shutdown")
+            conn.abort(SHUTDOWN)
         self.handlers.join(timeout=2.0)
-        if self._sweeper is not None:
-            self._sweeper.kill(block=False)
+        self.sweeper.stop()
         return len(left)

@@ -4,8 +4,11 @@ The parent creates it (a memfd) once, before its first worker, and every
 worker it ever starts inherits the descriptor and maps the same pages: a
 worker is a fresh interpreter (exec), so an anonymous mapping would not
 reach it. The file holds a header, one row per block (whether it was ever
-used, its writer's heartbeat), and ``capacity`` statistics blocks as
-``stats.py`` lays them out. Block 0 holds the totals of the state file.
+used, which worker of which generation writes it, its heartbeat),
+``capacity`` statistics blocks as ``stats.py`` lays them out, and the live
+page's history ring (``history.py``), which the parent writes and worker 0
+serves. Block 0 holds the totals of the state file (zeros without one),
+and the parent's start time.
 
 One process writes a block at a time. When a worker exits, its block keeps
 what it counted, and the next worker given that block counts on from
@@ -17,8 +20,8 @@ monotonic clock. Reports sum the used blocks: the parent's (USR1, the
 state file) and worker 0's (the admin endpoint) alike.
 
 A worker started from newer code on disk checks the layout fingerprint in
-the header first: a version that lays the blocks out differently cannot
-add into them, and refuses to start (the reload then fails and the running
+the header first: a version that lays the file out differently cannot add
+into it, and refuses to start (the reload then fails and the running
 workers carry on).
 """
 
@@ -30,15 +33,16 @@ import os
 import time
 import zlib
 
-from . import stats
-from .stats import BLOCK_SLOTS, Block, Stats, new_block, reset_gauges
+from . import history, stats
+from .stats import BLOCK_SLOTS, Block, Stats, new_block, reset_gauges, set_pid, worker_figures
 
 __all__ = ["BASELINE", "IncompatibleLayout", "SharedStats", "fingerprint"]
 
 _MAGIC = int.from_bytes(b"gpstats1", "little")
-_HEADER = 4  # magic, fingerprint, capacity, spare
-_ROW = 2  # per block: the fields below
-USED, HEARTBEAT = range(_ROW)
+_HEADER = 4  # the fields below
+_MAGIC_AT, _FINGERPRINT, _CAPACITY, _SERVING = range(_HEADER)
+_ROW = 4  # per block: the fields below
+USED, WORKER, GENERATION, HEARTBEAT = range(_ROW)
 #: The block that holds the state file's totals; never given to a worker.
 BASELINE = 0
 
@@ -48,7 +52,7 @@ class IncompatibleLayout(Exception):
 
 
 def fingerprint() -> int:
-    """A checksum of everything that decides where a count lives in a block."""
+    """A checksum of everything that decides where a figure lives in the file."""
     shape = (
         _HEADER,
         _ROW,
@@ -61,16 +65,22 @@ def fingerprint() -> int:
         stats.RING,
         stats.WINDOWS_S,
         stats.LATENCY_WINDOW_S,
+        history.SLOTS,
+        history.FIELDS,
     )
     return zlib.crc32(repr(shape).encode())
 
 
+def _words(capacity: int) -> int:
+    return _HEADER + capacity * (_ROW + BLOCK_SLOTS)
+
+
 def _size(capacity: int) -> int:
-    return (_HEADER + capacity * (_ROW + BLOCK_SLOTS)) * 8
+    return (_words(capacity) + history.SLOTS) * 8
 
 
 class SharedStats:
-    """The mapped file: rows and blocks by index."""
+    """The mapped file: rows and blocks by index, and the history ring."""
 
     def __init__(self, fd: int, capacity: int) -> None:
         self.fd = fd
@@ -80,9 +90,11 @@ class SharedStats:
         self._header = words[:_HEADER]
         rows_end = _HEADER + capacity * _ROW
         self._rows = [words[i : i + _ROW] for i in range(_HEADER, rows_end, _ROW)]
+        blocks_end = _words(capacity)
         self.blocks: list[Block] = [
-            words[i : i + BLOCK_SLOTS] for i in range(rows_end, len(words), BLOCK_SLOTS)
+            words[i : i + BLOCK_SLOTS] for i in range(rows_end, blocks_end, BLOCK_SLOTS)
         ]
+        self.history = memoryview(self._map)[blocks_end * 8 :].cast("d")
 
     @classmethod
     def create(cls, capacity: int) -> SharedStats:
@@ -90,12 +102,15 @@ class SharedStats:
         fd = os.memfd_create("geventproxy-stats")
         os.ftruncate(fd, _size(capacity))
         shared = cls(fd, capacity)
-        shared._header[0], shared._header[1], shared._header[2] = _MAGIC, fingerprint(), capacity
+        shared.set_baseline(new_block())  # nothing saved (yet): zeros
+        shared.history[:] = array.array("d", history.new_history_block())
+        header = shared._header
+        header[_MAGIC_AT], header[_FINGERPRINT], header[_CAPACITY] = _MAGIC, fingerprint(), capacity
         return shared
 
     @classmethod
     def attach(cls, fd: int) -> SharedStats:
-        """In a worker: map the parent's file, if this code lays blocks out the same way."""
+        """In a worker: map the parent's file, if this code lays it out the same way."""
         with mmap.mmap(fd, _HEADER * 8, access=mmap.ACCESS_READ) as head:
             magic, printed, capacity, _ = memoryview(head).cast("q").tolist()
         if magic != _MAGIC or printed != fingerprint() or os.fstat(fd).st_size != _size(capacity):
@@ -110,8 +125,14 @@ class SharedStats:
         return [block for row, block in zip(self._rows, self.blocks) if row[USED]]
 
     def set_baseline(self, totals: Block) -> None:
-        """Put the state file's totals (``stats.new_baseline``) into block 0."""
-        self.blocks[BASELINE][:] = array.array("q", totals)
+        """Put the state file's totals (``stats.new_baseline``) into block 0.
+
+        Block 0 is always summed, and stamped with the parent's start: the
+        uptime is the parent's, whatever workers came and went.
+        """
+        block = self.blocks[BASELINE]
+        block[:] = array.array("q", totals)
+        Stats(block)
         self._rows[BASELINE][USED] = 1
 
     def free(self, held: set[int]) -> list[int]:
@@ -119,20 +140,21 @@ class SharedStats:
         free = [i for i in range(1, self.capacity) if i not in held]
         return sorted(free, key=lambda i: (not self._rows[i][USED], i))
 
-    def give(self, index: int) -> None:
+    def give(self, index: int, worker: int, generation: int) -> None:
         """Hand a free block to a worker about to start; a new block is cleared first."""
         row = self._rows[index]
         if not row[USED]:
             block = self.blocks[index]
             block[:] = array.array("q", new_block())
-            Stats(block)  # stamps the start: uptime is the oldest block's
+            Stats(block)  # stamps its start; block 0's is older: the uptime is the parent's
             row[USED] = 1  # last: a reader never sums a block still being cleared
-        reset_gauges(self.blocks[index])  # the previous writer's connections are gone
+        row[WORKER], row[GENERATION] = worker, generation
         row[HEARTBEAT] = time.monotonic_ns()
 
     def release(self, index: int) -> None:
         """Its worker has exited: what it counted stays, what it had open is gone."""
         reset_gauges(self.blocks[index])
+        set_pid(self.blocks[index], 0)
 
     def beat(self, index: int) -> None:
         """In a worker: its event loop is running."""
@@ -140,3 +162,17 @@ class SharedStats:
 
     def heartbeat(self, index: int) -> int:
         return self._rows[index][HEARTBEAT]
+
+    def set_serving(self, generation: int) -> None:
+        """The generation whose workers the per-worker figures show."""
+        self._header[_SERVING] = generation
+
+    def serving(self) -> list[tuple[int, Block]]:
+        """(worker, block) of each running worker of the serving generation, by worker."""
+        generation = self._header[_SERVING]
+        running = [
+            (row[WORKER], block)
+            for row, block in zip(self._rows, self.blocks)
+            if row[USED] and row[GENERATION] == generation and worker_figures(block)["pid"]
+        ]
+        return sorted(running, key=lambda pair: pair[0])

@@ -1,11 +1,15 @@
 """The totals across restarts: a small JSON file, written atomically.
 
 At start the saved totals become a baseline block (``stats.new_baseline``)
-that every report sums in; the live block starts from zero as always, so
-rates and uptime describe this process only. While running, the summed
+that every report sums in; the workers' blocks start from zero as always, so
+rates and uptime describe this run only. While running, the summed
 totals are written every ``--state-interval`` seconds and once more at
-shutdown, after the drain. A file that is missing, unreadable or corrupt is
-logged in one line and ignored: losing history must never stop the proxy.
+shutdown, after the drain. A file that is missing or unreadable is logged
+in one line and ignored; a corrupt one is also kept aside (``PATH.corrupt``)
+so that the next write does not destroy what someone may want to look at:
+losing history must never stop the proxy. A path that can never be written
+(its directory is missing, or it is a directory) is refused at start by
+``check_path``, before anything is bound.
 Whatever happened after the last write is lost if the process is killed
 (SIGKILL, power loss); a graceful stop loses nothing.
 
@@ -27,12 +31,38 @@ from typing import Any
 from .logs import LOGGER
 from .stats import new_baseline
 
-__all__ = ["FORMAT", "StateFile", "decode", "encode", "load_baseline", "write_atomically"]
+__all__ = [
+    "FORMAT",
+    "CORRUPT_SUFFIX",
+    "StateFile",
+    "check_path",
+    "decode",
+    "encode",
+    "load_baseline",
+    "write_atomically",
+]
 
 log = logging.getLogger(LOGGER)
 
 FORMAT = "geventproxy-state"
 VERSION = 1
+#: A corrupt state file is renamed to its path plus this, replacing an older one.
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def check_path(path: str) -> str | None:
+    """Why ``path`` can never be a state file, or None: checked once, at start."""
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(directory):
+        return f"the directory {directory} does not exist"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    # Each write creates a temporary file next to the state file, then renames it.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the directory {directory} is not writable"
+    return None
 
 
 def encode(totals: dict[str, Any], now: float | None = None) -> bytes:
@@ -76,9 +106,13 @@ def load_baseline(path: str) -> memoryview | None:
     try:
         baseline = new_baseline(decode(data))
     except (ValueError, UnicodeDecodeError) as exc:
-        log.warning(
-            "state file corrupt, ignored", extra={"fields": {"path": path, "error": str(exc)}}
-        )
+        fields = {"path": path, "error": str(exc)}
+        try:
+            os.replace(path, path + CORRUPT_SUFFIX)
+            fields["kept_as"] = path + CORRUPT_SUFFIX
+        except OSError as move:
+            fields["not_kept"] = move.strerror or str(move)
+        log.warning("state file corrupt, ignored", extra={"fields": fields})
         return None
     log.info("state file loaded", extra={"fields": {"path": path}})
     return baseline

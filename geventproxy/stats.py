@@ -28,7 +28,17 @@ from .codec import Counts
 
 __all__ = [
     "BUCKET_NS",
+    "CLIENT_CLOSED",
+    "CLIENT_FIN_TIMEOUT",
+    "CLIENT_RESET",
     "CLOSE_REASONS",
+    "ERROR",
+    "IDLE_TIMEOUT",
+    "SHUTDOWN",
+    "STRICT_VIOLATION",
+    "UPSTREAM_CLOSED",
+    "UPSTREAM_RESET",
+    "UPSTREAM_UNAVAILABLE",
     "COUNTERS",
     "DIRECTIONS",
     "GAUGES",
@@ -40,7 +50,9 @@ __all__ = [
     "new_block",
     "reset_gauges",
     "persistent_totals",
+    "set_pid",
     "snapshot",
+    "worker_figures",
 ]
 
 BUCKET_NS = 1_000_000  # 1 ms
@@ -48,16 +60,29 @@ RING = 10_000  # buckets: 10 s, the longest window
 WINDOWS_S = (1, 10)
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 MSG_KINDS = ("req", "ack", "nak", "invalid")  # the codec's Counts order
+# Why a connection ended: each is a slot in the block and a label value on
+# /metrics. Code names them by these constants, never by a bare string.
+CLIENT_CLOSED = "client_closed"  # the client half-closed and had every reply it was owed
+UPSTREAM_CLOSED = "upstream_closed"  # the upstream ended first; the client was then closed
+CLIENT_RESET = "client_reset"
+UPSTREAM_RESET = "upstream_reset"
+IDLE_TIMEOUT = "idle_timeout"
+CLIENT_FIN_TIMEOUT = "client_fin_timeout"  # the client half-closed; owed replies never came
+STRICT_VIOLATION = "strict_violation"
+SHUTDOWN = "shutdown"  # closed by the drain deadline or a forced exit
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # the upstream could not be dialled
+ERROR = "error"  # any other socket error, or no descriptor left for the upstream
 CLOSE_REASONS = (
-    "client_closed",  # the client ended the connection (EOF after both directions finished)
-    "upstream_closed",  # the upstream ended first; the client was then closed
-    "client_reset",
-    "upstream_reset",
-    "idle_timeout",
-    "strict_violation",
-    "shutdown",  # closed by the drain deadline or a forced exit
-    "upstream_unavailable",  # the upstream could not be dialled (failure or timeout)
-    "error",  # any other socket error, or no descriptor left for the upstream
+    CLIENT_CLOSED,
+    UPSTREAM_CLOSED,
+    CLIENT_RESET,
+    UPSTREAM_RESET,
+    IDLE_TIMEOUT,
+    CLIENT_FIN_TIMEOUT,
+    STRICT_VIOLATION,
+    SHUTDOWN,
+    UPSTREAM_UNAVAILABLE,
+    ERROR,
 )
 
 # Plain counters and gauges, one slot each, in report order.
@@ -98,7 +123,8 @@ _LRING = _LSTAMP + LATENCY_WINDOW_S  # ... and their buckets
 _STAMP = _LRING + LATENCY_WINDOW_S * _NB
 _WREQ = _STAMP + RING
 _WRESP = _WREQ + RING
-BLOCK_SLOTS = _WRESP + RING
+_PID = _WRESP + RING  # the process writing the block (a worker's pid), 0 if none
+BLOCK_SLOTS = _PID + 1
 
 
 Block = Union[list[int], memoryview]
@@ -117,6 +143,21 @@ def new_block() -> Block:
 def reset_gauges(block: Block) -> None:
     """Zero what describes a live process (its open connections), keep the totals."""
     block[_C["connections_active"]] = 0
+
+
+def set_pid(block: Block, pid: int) -> None:
+    """Say which process writes ``block``: a worker's admin endpoint reads its siblings' figures."""
+    block[_PID] = pid
+
+
+def worker_figures(block: Block) -> dict[str, int]:
+    """What one worker's block says of that worker alone: cheap, no pass over the ring."""
+    return {
+        "pid": block[_PID],
+        "connections_active": block[_C["connections_active"]],
+        "connections_total": block[_C["connections_total"]],
+        "requests": block[_MSG],  # REQs forwarded client to upstream
+    }
 
 
 class Stats:

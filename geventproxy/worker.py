@@ -34,7 +34,6 @@ from . import __version__  # noqa: E402
 from .config import ConfigError, load  # noqa: E402
 from .logs import LOGGER, setup  # noqa: E402
 from .sharedstats import IncompatibleLayout, SharedStats  # noqa: E402
-from .stats import Stats  # noqa: E402
 
 __all__ = ["HANDOFF", "main"]
 
@@ -65,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"geventproxy worker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    log = setup(config.log_level, config.log_format)
+    log = setup(config.log_level, config.log_format, {"worker": handoff["worker"]})
     try:
         shared = SharedStats.attach(handoff["stats-fd"])
     except IncompatibleLayout as exc:
@@ -74,16 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import run  # imports gevent: only once the worker is sure to run
 
     admin_fd = handoff["admin-fd"]
-    block = handoff["block"]
     return run(
         config,
         socket.socket(fileno=handoff["listen-fd"]),
-        Stats(shared.blocks[block], mark_start=False),
+        shared,
+        handoff["block"],
         worker=handoff["worker"],
-        blocks=shared.used,
         admin_listener=socket.socket(fileno=admin_fd) if admin_fd >= 0 else None,
         ready=lambda: _notify(handoff["notify-fd"]),
-        beat=lambda: shared.beat(block),
     )
 
 

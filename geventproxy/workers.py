@@ -7,7 +7,8 @@ holds it for its whole life; each worker is a fresh interpreter
 block of the shared statistics (``sharedstats.py``). The parent never
 touches a connection. It owns the signals:
 
-- USR1: one JSON line, the exact sum of every block;
+- USR1 (and every --report-interval): one JSON line, the exact sum of
+  every block;
 - TERM/INT: TERM to every worker (each drains on its own), wait for them,
   write the state file and a final line, exit 0; a second TERM/INT is
   passed on, and the workers then close everything at once;
@@ -17,8 +18,10 @@ touches a connection. It owns the signals:
   stops (no heartbeat for --worker-timeout) is killed and replaced; one
   that fails at every start stops the proxy, exit status 3.
 
-It imports no gevent and runs no event loop: like gunicorn's arbiter it is
-a select loop, and its signal handlers only queue the signal and wake the
+It also writes the state file and, with --admin, the live page's history
+(one sample a second, in the shared file, which worker 0 serves). It
+imports no gevent and runs no event loop: like gunicorn's arbiter it is a
+select loop, and its signal handlers only queue the signal and wake the
 loop through a pipe.
 """
 
@@ -37,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .config import Config, ConfigError, load_with_file
+from .history import History, Sampler
 from .listeners import format_address, open_listener, raise_fd_limit
 from .logs import LOGGER, setup
 from .report import render, write_line
@@ -64,6 +68,8 @@ REPORT_TIMEOUT = 1.0
 #: Generations alive at once (one serving, the rest draining): the shared
 #: statistics have room for this many workers per worker slot.
 GENERATIONS = 4
+#: Exit statuses: a listener cannot be bound (as for a bad flag); workers fail at every start.
+EXIT_CANNOT_LISTEN = 2
 EXIT_BOOT_FAILED = 3
 #: Settings the parent holds itself (sockets, the state file): a reload cannot change them.
 RESTART_ONLY = ("listen", "admin", "state_file")
@@ -106,6 +112,8 @@ class Supervisor:
         self.status = 0
         self.state = StateFile(config.state_file) if config.state_file else None
         self.state_due = time.monotonic() + config.state_interval
+        self.report_due = time.monotonic() + config.report_interval
+        self.sampler: Sampler | None = None
         self.listeners: list[socket.socket] = []
         self.signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
@@ -139,19 +147,15 @@ class Supervisor:
     def run(self) -> int:
         config = self.generation.config
         with contextlib.ExitStack() as stack:
-            for address in (config.listen, config.admin):
-                listener = open_listener(address) if address is not None else None
+            for address, flag in ((config.listen, "-listen"), (config.admin, "-admin")):
+                listener = open_listener(address, flag) if address is not None else None
                 if address is not None and listener is None:
-                    return 1
+                    return EXIT_CANNOT_LISTEN
                 if listener is not None:
                     stack.callback(listener.close)
                     self.listeners.append(listener)
-            self.shared = SharedStats.create(
-                1 + GENERATIONS * max(config.workers, os.cpu_count() or 1)
-            )
-            baseline = load_baseline(config.state_file) if config.state_file else None
-            if baseline is not None:
-                self.shared.set_baseline(baseline)
+            raise_fd_limit()  # inherited by every worker
+            self._share(config)
             admin = self.listeners[1] if config.admin is not None else None
             self.workers = WorkerSet(self.shared, self.listeners[0], admin, self.flags)
             self.restarts, self.reloads = Restarts(self), Reloads(self)
@@ -166,11 +170,28 @@ class Supervisor:
         log.info("exit", extra={"fields": {"status": self.status}})
         return self.status
 
+    def _share(self, config: Config) -> None:
+        """The shared statistics file: the saved totals in it, the history sampled into it."""
+        self.shared = SharedStats.create(1 + GENERATIONS * max(config.workers, os.cpu_count() or 1))
+        self.shared.set_serving(self.generation.number)
+        baseline = load_baseline(config.state_file) if config.state_file else None
+        if baseline is not None:
+            self.shared.set_baseline(baseline)
+        if config.admin is not None:
+            snapshot_now = lambda: snapshot(self.shared.used(), time.monotonic_ns())  # noqa: E731
+            self.sampler = Sampler(History(self.shared.history), snapshot_now)
+            self.sampler.start()
+
     def _turn(self) -> None:
         """One pass of the loop: sleep until woken or due, then answer what came."""
         due = self.restarts.due()
-        if self.state is not None and self.generation.config.state_interval:
+        config = self.generation.config
+        if self.state is not None and config.state_interval:
             due.append(self.state_due)
+        if config.report_interval:  # during the drain too: it shows the connections going
+            due.append(self.report_due)
+        if self.sampler is not None:
+            due.append(self.sampler.next_tick)
         timeout = max(0.0, min([TICK, *(d - time.monotonic() for d in due)]))
         try:
             select.select([self._wake_r, self.workers.notices], [], [], timeout)
@@ -191,10 +212,21 @@ class Supervisor:
         now = time.monotonic()
         self.restarts.tick(now)
         self.reloads.tick()
-        interval = self.generation.config.state_interval
-        if self.state is not None and interval and not self.stopping and now >= self.state_due:
+        self._periodic(now)
+
+    def _periodic(self, now: float) -> None:
+        """The state file, the report and the history sample, each when due."""
+        config = self.generation.config
+        writes = self.state is not None and config.state_interval and not self.stopping
+        if writes and now >= self.state_due:
             self.save_state()
-            self.state_due = now + interval
+            self.state_due = now + config.state_interval
+        if config.report_interval and now >= self.report_due:
+            self.report()
+            while self.report_due <= now:  # a late turn skips what it missed, no burst
+                self.report_due += config.report_interval
+        if self.sampler is not None:
+            self.sampler.tick()
 
     # -- the signals' work -------------------------------------------------------
 
@@ -395,6 +427,7 @@ class Reloads:
         old = [w for w in workers if w.generation is not new and not w.retiring]
         self.retire(old)
         self.parent.generation = new
+        self.parent.shared.set_serving(new.number)
         config = new.config
         setup(config.log_level, config.log_format)
         log.info(
@@ -442,7 +475,6 @@ def _error(error: object) -> dict:
 
 def supervise(config: Config, env: dict[str, str], flags: Sequence[str]) -> int:
     setup(config.log_level, config.log_format)
-    raise_fd_limit()
     try:
         return Supervisor(config, env, flags).run()
     finally:

@@ -93,7 +93,7 @@ class WorkerSet:
         if not free:
             raise OSError("no free statistics block")
         block = free[0]
-        self.shared.give(block)
+        self.shared.give(block, slot, generation.number)
         handoff = {
             "listen-fd": self._listener.fileno(),
             "admin-fd": self._admin.fileno() if self._admin is not None and slot == 0 else -1,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from geventproxy.testing import launch
+from geventproxy.testing.protocol import reply_for
 
 REPO_ROOT = launch.ROOT
 #: Seconds to wait for a subprocess to bind its socket and say so.
@@ -122,10 +123,51 @@ def worker_pid(p: Proxy) -> int:
     return pids[0]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (a worker supervisor and its workers)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass  # exited meanwhile
+    return found
+
+
+def open_fds(pid: int) -> int:
+    """Descriptors held by ``pid`` and its descendants, from /proc/PID/fd."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{member}/fd"))
+        except OSError:
+            pass
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` and its descendants, in KiB."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += rss_kib(member)
+        except (OSError, RuntimeError):
+            pass
+    return total
+
+
 # --- raw sockets, scripted upstreams, process probes ---------------------------------------
 
 #: Seconds any single socket operation in a test may block.
 IO_TIMEOUT = 5.0
+#: Seconds a busy machine (CI shares its two cores) may add to anything a test
+#: expects at once or at a deadline. A timing bound is meaningful only where the
+#: wrong behaviour takes clearly longer: a longer timeout set for the purpose, or never.
+SLACK = 3.0
 
 
 def connect(port: int, host: str = "127.0.0.1", timeout: float = IO_TIMEOUT) -> socket.socket:
@@ -182,6 +224,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = IO_TIMEOUT, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def round_trip(client: socket.socket, seq: int, data: bytes = b"ping") -> None:
+    """One REQ, and its reply checked against the reference server's answer."""
+    client.sendall(b"REQ %d %s\n" % (seq, data))
+    assert recv_lines(client, 1) == [reply_for("REQ", seq, data)]
+
+
+def ping_pong_worst_ms(port: int, count: int = 100) -> float:
+    """Worst round trip, in ms, of ``count`` one-at-a-time REQs on one connection."""
+    worst = 0.0
+    with connect(port) as client:
+        for seq in range(1, count + 1):
+            started = time.perf_counter()
+            round_trip(client, seq)
+            worst = max(worst, time.perf_counter() - started)
+    return worst * 1000
+
+
+def idle_report(p: Proxy, timeout: float = IO_TIMEOUT) -> dict:
+    """The first report with no connection left open."""
+    return report_when(p, lambda r: r["connections_active"] == 0, timeout)
 
 
 def report_when(p: Proxy, check: Callable[[dict], bool], timeout: float = IO_TIMEOUT) -> dict:
@@ -359,3 +423,36 @@ def stdout_reports(p: Proxy) -> list[dict]:
         assert isinstance(report, dict) and "msg_total" in report, line
         reports.append(report)
     return reports
+
+
+class Traffic:
+    """The reference client through the proxy, one run after another, in a thread, until the
+    ``with`` block ends (the run in progress is finished and counted)."""
+
+    def __init__(self, port: int, connections: int = 8, requests: int = 100) -> None:
+        self.port = port
+        self.connections, self.per_connection = connections, requests
+        self.requests = 0  # REQs sent by the runs that passed
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            done = run_foo_client(
+                f"-connect=127.0.0.1:{self.port}",
+                f"-connections={self.connections}",
+                f"-requests={self.per_connection}",
+            )
+            if done.returncode == 0:
+                self.requests += self.connections * self.per_connection
+            else:
+                self.failures.append(done.stdout + done.stderr)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)

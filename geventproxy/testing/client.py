@@ -180,20 +180,25 @@ def run(
     seed: int = DEFAULT_SEED,
     timeout: float = DEFAULT_TIMEOUT,
     on_reply: Callable[[], None] | None = None,
+    rounds: int = 1,
 ) -> Result:
     """Run ``connections`` concurrent connections of ``requests`` checked REQs each.
 
-    ``on_reply`` is called once per reply received (the CLI draws its dots with it).
+    Each of the ``connections`` opens ``rounds`` connections one after
+    another. ``on_reply`` is called once per reply received (the CLI draws
+    its dots with it).
     """
-    if requests < 0 or connections < 1 or window < 1:
-        raise ValueError("requests must be >= 0, connections and window >= 1")
+    if requests < 0 or connections < 1 or window < 1 or rounds < 1:
+        raise ValueError("requests must be >= 0, connections, window and rounds >= 1")
     request_set = make_requests(requests, seed)
     result = Result()
     started = time.perf_counter()
-    greenlets = [
-        gevent.spawn(_connection, host, port, request_set, window, timeout, result, on_reply)
-        for _ in range(connections)
-    ]
+
+    def one_after_another() -> None:
+        for _ in range(rounds):
+            _connection(host, port, request_set, window, timeout, result, on_reply)
+
+    greenlets = [gevent.spawn(one_after_another) for _ in range(connections)]
     gevent.joinall(greenlets, raise_error=True)
     result.elapsed = time.perf_counter() - started
     return result
@@ -234,6 +239,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="requests in flight per connection; >1 pipelines (default %(default)s)",
     )
     parser.add_argument(
+        "-rounds",
+        "--rounds",
+        type=int,
+        default=1,
+        help="connections each of the concurrent ones opens in turn (default %(default)s)",
+    )
+    parser.add_argument(
         "-seed",
         "--seed",
         type=int,
@@ -248,8 +260,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds any single network operation may block (default %(default)s)",
     )
     args = parser.parse_args(argv)
-    if args.requests < 0 or args.connections < 1 or args.window < 1:
-        parser.error("-requests must be >= 0, -connections and -window >= 1")
+    if args.requests < 0 or args.connections < 1 or args.window < 1 or args.rounds < 1:
+        parser.error("-requests must be >= 0, -connections, -window and -rounds >= 1")
     try:
         args.host, args.port = split_hostport(args.connect)
     except ValueError as exc:
@@ -281,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         timeout=args.timeout,
         on_reply=progress,
+        rounds=args.rounds,
     )
     if result.ok:
         out.write("OK!\n")

@@ -7,15 +7,21 @@ exactly the traffic shape a proxy has to cope with. ``fast=True`` batches the
 replies of one read into one send instead, for benchmarks where the server must
 not be the bottleneck.
 
+Like the original, it never closes a connection on purpose: after the
+client's EOF it answers what it had read and then leaves its socket open
+(in CLOSE-WAIT) for as long as it runs. ``close_on_eof=True``
+(``-close-on-eof``) closes it instead, for a test that wants the kinder peer.
+
 Usage::
 
-    python -m geventproxy.testing.server -listen=:8001 [--fast]
+    python -m geventproxy.testing.server -listen=:8001 [--fast] [--close-on-eof]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -59,24 +65,39 @@ def _three_parts(reply: bytes) -> tuple[bytes, bytes, bytes]:
 class FooServer(StreamServer):
     """The reference server: one greenlet per connection, replies in request order."""
 
-    def __init__(self, listener: Any, *, fast: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, listener: Any, *, fast: bool = False, close_on_eof: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(listener, **kwargs)
         self.fast = fast
+        self.close_on_eof = close_on_eof
+        #: Sockets whose client has gone, kept open as the original keeps them.
+        self.abandoned: list[socket.socket] = []
 
     def handle(self, sock: socket.socket, address: Any) -> None:
-        """Serve one connection until the client closes it (only clients terminate)."""
+        """Serve one connection; after the client's EOF leave the socket open."""
         peer = _format_address(address)
         log.debug("connection from %s", peer)
+        keep = False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._serve(sock, peer)
+            keep = self._serve(sock, peer) and not self.close_on_eof
         except OSError as exc:
             log.debug("connection from %s failed: %s", peer, exc)
         finally:
-            sock.close()
-            log.debug("connection from %s closed", peer)
+            if keep:
+                # The server closes what a handler returns with: keep the descriptor
+                # in a socket of its own, which nothing closes.
+                self.abandoned.append(
+                    socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+                )
+                log.debug("connection from %s: client done, socket left open", peer)
+            else:
+                sock.close()
+                log.debug("connection from %s closed", peer)
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _serve(self, sock: socket.socket, peer: str) -> bool:
+        """Answer lines until the client's EOF (True) or an over-long line (False)."""
         buf = bytearray()
         while True:
             chunk = sock.recv(RECV_SIZE)
@@ -84,7 +105,7 @@ class FooServer(StreamServer):
                 # Like bufio.Scanner at EOF: a final unterminated line still counts.
                 if buf:
                     self._reply(sock, [answer(bytes(buf))])
-                return
+                return True
             scan_from = len(buf)
             buf += chunk
             replies = []
@@ -104,7 +125,7 @@ class FooServer(StreamServer):
             self._reply(sock, replies)
             if too_long or len(buf) >= MAX_LINE:
                 log.warning("line longer than %d bytes from %s; closing", MAX_LINE, peer)
-                return
+                return False
 
     def _reply(self, sock: socket.socket, replies: list[bytes]) -> None:
         if not replies:
@@ -115,6 +136,15 @@ class FooServer(StreamServer):
         for reply in replies:
             for part in _three_parts(reply):
                 sock.sendall(part)
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _format_address(address: Any) -> str:
@@ -176,6 +206,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="send all replies to one read in a single write (benchmark stub)",
     )
     parser.add_argument(
+        "-close-on-eof",
+        "--close-on-eof",
+        action="store_true",
+        help="close a connection at the client's EOF (the original never does)",
+    )
+    parser.add_argument(
         "-verbose", "--verbose", "-v", action="store_true", help="log every connection"
     )
     return parser.parse_args(argv)
@@ -195,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"server: cannot listen on {args.listen}: {exc}", file=sys.stderr, flush=True)
         return 1
-    server = FooServer(listener, fast=args.fast)
+    _raise_fd_limit()  # sockets left open add up over a long run
+    server = FooServer(listener, fast=args.fast, close_on_eof=args.close_on_eof)
 
     def _stop(signum: int) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)

@@ -89,7 +89,7 @@ def test_routes_match_the_traffic_and_the_usr1_report() -> None:
         status, headers, _ = http_request(admin, "/stats", method="POST")
         assert status == 405 and headers["allow"] == "GET, HEAD"
         assert http_request(admin, "/nothing-here")[0] == 404
-        assert http_request(admin, "/")[0] == 404
+        assert http_request(admin, "/")[0] == 200  # the live page (test_live_page.py)
 
         # The upstream goes away: /healthz says so within a few check intervals.
         stop_process(upstream)
@@ -129,5 +129,7 @@ def test_healthz_fails_while_draining() -> None:
 def test_admin_address_in_use_is_fatal() -> None:
     with foo_server() as (_, port), proxy(port, ADMIN) as first:
         host, taken = admin_address(first)
-        with pytest.raises(RuntimeError, match=f"cannot listen address={host}:{taken}"):
+        with pytest.raises(
+            RuntimeError, match=f"cannot listen on the -admin address address={host}:{taken}"
+        ):
             start_proxy(port, f"-admin={host}:{taken}")

@@ -22,16 +22,17 @@ import pytest
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     IO_TIMEOUT,
+    SLACK,
     Proxy,
     closed_port,
     connect,
     foo_server,
+    idle_report,
     pattern,
     pattern_digest,
     proxy,
     recv_all,
     recv_lines,
-    report_when,
     rss_kib,
     run_foo_client,
     scripted_upstream,
@@ -41,11 +42,6 @@ from tests.helpers import (
     wait_closed,
     worker_pid,
 )
-
-
-def _idle(p: Proxy) -> dict:
-    """The first report with no connection left open."""
-    return report_when(p, lambda r: r["connections_active"] == 0)
 
 
 def _no_traceback(p: Proxy) -> None:
@@ -85,7 +81,7 @@ def test_client_half_close_still_gets_every_reply() -> None:
             replies = recv_all(client).splitlines(keepends=True)
         assert upstream.result() == requests
         assert replies == [reply_for("REQ", seq, b"data%d" % seq) for seq in range(1, 51)]
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["client_closed"] == 1
         assert report["msg_req"] == 50
         assert report["msg_ack"] + report["msg_nak"] == 50
@@ -95,7 +91,7 @@ def test_client_half_close_still_gets_every_reply() -> None:
 def test_upstream_half_close_client_can_still_send() -> None:
     """The upstream shuts its write side; the client may still send for --fin-timeout.
 
-    1. Start the proxy with --fin-timeout=1 in front of a scripted upstream.
+    1. Start the proxy with --fin-timeout=10 in front of a scripted upstream.
     2. The client sends a REQ; the upstream reads it, answers, and calls
        shutdown(SHUT_WR).
     3. The client reads the answer, then EOF.
@@ -106,7 +102,7 @@ def test_upstream_half_close_client_can_still_send() -> None:
        connection is closed at once (well before the fin timeout), counted as
        upstream_closed, since the upstream finished first.
     """
-    with scripted_upstream() as upstream, proxy(upstream.port, "--fin-timeout=1") as p:
+    with scripted_upstream() as upstream, proxy(upstream.port, "--fin-timeout=10") as p:
         with connect(p.port) as client:
             client.sendall(b"REQ 1 first\n")
             up = upstream.accept()
@@ -123,8 +119,8 @@ def test_upstream_half_close_client_can_still_send() -> None:
             closed_at = time.monotonic()
             client.shutdown(socket.SHUT_WR)
             assert recv_all(up) == b""
-            report = _idle(p)
-            assert time.monotonic() - closed_at < 0.6
+            report = idle_report(p)
+            assert time.monotonic() - closed_at < SLACK
         assert report["connections_closed"]["upstream_closed"] == 1
         assert report["connections_closed"]["client_closed"] == 0
         assert report["msg_req"] == 2 and report["msg_ack"] == 1
@@ -151,8 +147,8 @@ def test_upstream_half_close_then_silent_client_closed_after_fin_timeout() -> No
             assert recv_all(client) == b"ACK 1 y\n"
             assert recv_all(up) == b""
             waited = time.monotonic() - half_closed
-            assert 0.4 <= waited <= 1.2, waited
-            report = _idle(p)
+            assert 0.4 <= waited <= 0.5 + SLACK, waited
+            report = idle_report(p)
         assert report["connections_closed"]["upstream_closed"] == 1
 
 
@@ -180,8 +176,8 @@ def test_unreachable_upstream_closes_client_promptly(target: str) -> None:
     with proxy(None, forward=forward) as p:
         for _ in range(3):
             with connect(p.port) as client:
-                assert wait_closed(client) < 1.0
-        report = _idle(p)
+                assert wait_closed(client) < SLACK
+        report = idle_report(p)
         assert report["upstream_connect_failures"] == 3
         assert report["upstream_connect_timeouts"] == 0
         assert report["connections_total"] == 3
@@ -235,8 +231,8 @@ def test_black_holed_upstream_times_out() -> None:
         with proxy(port, "--connect-timeout=0.5") as p:
             with connect(p.port) as client:
                 waited = wait_closed(client)
-            assert 0.4 <= waited <= 1.5, waited
-            report = _idle(p)
+            assert 0.4 <= waited <= 0.5 + SLACK, waited
+            report = idle_report(p)
             assert report["upstream_connect_timeouts"] == 1
             assert report["upstream_connect_failures"] == 0
             assert report["connections_closed"]["upstream_unavailable"] == 1
@@ -278,9 +274,9 @@ def test_unanswered_name_lookup_is_bounded_by_connect_timeout() -> None:
         with proxy(None, *flags, forward="upstream.example.test:8001", env=env) as p:
             with connect(p.port) as client:
                 waited = wait_closed(client)
-            assert 0.4 <= waited <= 1.5, waited
+            assert 0.4 <= waited <= 0.5 + SLACK, waited
             assert dns.recv(512)
-            report = _idle(p)
+            report = idle_report(p)
             assert report["upstream_connect_timeouts"] == 1
             assert report["upstream_connect_failures"] == 0
             p.wait_log("upstream connect timed out")
@@ -314,8 +310,8 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
                 server.send_signal(signal.SIGKILL)
                 server.wait(IO_TIMEOUT)
                 for client in clients:
-                    assert wait_closed(client) < 1.0
-                report = _idle(p)
+                    assert wait_closed(client) < SLACK
+                report = idle_report(p)
             finally:
                 for client in clients:
                     client.close()
@@ -326,7 +322,7 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
             started = time.monotonic()
             result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
             assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
-            assert time.monotonic() - started < 3.0
+            assert time.monotonic() - started < 3.0 + SLACK
             assert p.proc.poll() is None
             _no_traceback(p)
     finally:
@@ -351,8 +347,8 @@ def test_client_reset_closes_upstream() -> None:
         assert recv_lines(up, 1) == [b"REQ 1 x\n"]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
-        assert wait_closed(up) < 1.0
-        report = _idle(p)
+        assert wait_closed(up) < SLACK
+        report = idle_report(p)
         assert report["connections_closed"]["client_reset"] == 1
         _no_traceback(p)
 
@@ -381,8 +377,8 @@ def test_client_vanishes_while_upstream_streams() -> None:
         time.sleep(0.1)  # let unread data pile up in the client's receive buffer
         vanished = time.monotonic()
         client.close()
-        assert upstream.result() - vanished < 1.0
-        report = _idle(p)
+        assert upstream.result() - vanished < SLACK
+        report = idle_report(p)
         assert report["connections_closed"]["client_reset"] == 1
         _no_traceback(p)
 
@@ -398,8 +394,8 @@ def test_parked_client_sides_wake_for_data_reset_and_half_close() -> None:
     2. Everyone stays silent for longer than the park delay.
     3. Client A sends 8 MiB of a numbered pattern: the upstream gets all of it, in order.
     4. Client B resets: the upstream sees its connection end within a second.
-    5. Client C half-closes: the upstream sees EOF, answers, closes; C gets
-       the answer, then EOF.
+    5. Client C half-closes with nothing owed: the upstream sees EOF, and C
+       gets EOF without the upstream closing.
     6. Nothing is left open: client_reset 1, client_closed 2.
     """
     from geventproxy.server import ProxyServer
@@ -435,19 +431,17 @@ def test_parked_client_sides_wake_for_data_reset_and_half_close() -> None:
 
         b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         b.close()
-        assert wait_closed(up_b) < 1.0
+        assert wait_closed(up_b) < SLACK
 
         c.shutdown(socket.SHUT_WR)
         assert recv_all(up_c) == b""
-        up_c.sendall(b"ACK 2 late\n")
-        up_c.close()
-        assert recv_all(c) == b"ACK 2 late\n"
+        assert recv_all(c) == b""
 
         a.close()
-        assert wait_closed(up_a) < 1.0
+        assert wait_closed(up_a) < SLACK
         up_a.close()
         c.close()
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["client_reset"] == 1
         assert report["connections_closed"]["client_closed"] == 2
         _no_traceback(p)
@@ -517,7 +511,7 @@ def test_slow_reader_backpressure_bounded_memory(record_property) -> None:
         assert peak - baseline < RSS_GROWTH_LIMIT_KIB
         assert total == PUSH_CHUNKS * 65536
         assert digest == pattern_digest(PUSH_CHUNKS)
-        assert _idle(p)["bytes_upstream_to_client"] == total
+        assert idle_report(p)["bytes_upstream_to_client"] == total
 
 
 def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:

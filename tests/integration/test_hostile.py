@@ -25,9 +25,11 @@ from geventproxy.testing.protocol import ERRDECODE_REPLY, MAX_LINE, DecodeError,
 from geventproxy.testing.protocol import reply_for as _reply_for
 from tests.helpers import (
     IO_TIMEOUT,
+    SLACK,
     Proxy,
     ScriptedUpstream,
     connect,
+    ping_pong_worst_ms,
     proxy,
     recv_all,
     recv_lines,
@@ -255,18 +257,6 @@ def test_hostile_bytes_forwarded_untouched(
     assert growth < RSS_GROWTH_LIMIT_KIB, growth
 
 
-def _ping_pong_worst_ms(port: int, count: int = 100) -> float:
-    """Worst round trip, in ms, of ``count`` one-at-a-time REQs on one connection."""
-    worst = 0.0
-    with connect(port) as client:
-        for seq in range(1, count + 1):
-            started = time.perf_counter()
-            client.sendall(b"REQ %d probe\n" % seq)
-            assert recv_lines(client, 1) == [_reply_for("REQ", seq, b"probe")]
-            worst = max(worst, time.perf_counter() - started)
-    return worst * 1000
-
-
 def test_hostile_traffic_does_not_disturb_a_well_formed_client(
     sink: Sink, hostile_proxy: Proxy
 ) -> None:
@@ -275,13 +265,13 @@ def test_hostile_traffic_does_not_disturb_a_well_formed_client(
     1. Measure the worst round trip of 100 ping-pong REQs on a quiet proxy.
     2. Start senders that push every hostile payload, over and over.
     3. While they run: the reference client through the proxy prints OK, and
-       100 ping-pong REQs have no round trip above 100 ms and above ten times
-       the quiet worst case plus 50 ms.
+       100 ping-pong REQs have no round trip above ten times the quiet worst
+       case plus SLACK.
     4. Stop the senders: the proxy is alive and every byte it was sent was
        forwarded (the upstream fingerprints match).
     """
     p = hostile_proxy
-    quiet = _ping_pong_worst_ms(p.port)
+    quiet = ping_pong_worst_ms(p.port)
     payloads = [HOSTILE[name]()[0] for name in HOSTILE]
     stop, sent, errors = threading.Event(), [], []
 
@@ -302,14 +292,16 @@ def test_hostile_traffic_does_not_disturb_a_well_formed_client(
     try:
         time.sleep(0.2)
         result = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=4")
-        loaded = _ping_pong_worst_ms(p.port)
+        loaded = ping_pong_worst_ms(p.port)
     finally:
         stop.set()
         for sender in senders:
             sender.join(30)
     print(f"worst ping-pong round trip: quiet {quiet:.2f} ms, under hostile load {loaded:.2f} ms")
     assert (result.stdout, result.returncode) == ("." * 40 + "OK!\n", 0), result.stderr
-    assert loaded < min(100.0, 10 * quiet + 50.0)
+    # Starvation (a relay stuck scanning hostile bytes) costs seconds; a busy
+    # machine costs tens of milliseconds, now and then SLACK.
+    assert loaded < 10 * quiet + 1000 * SLACK
     assert not errors
     for payload in sent:
         sink.wait_for(payload)
@@ -431,7 +423,7 @@ def test_strict_disconnects_before_the_bad_line(bad: str, split: bool) -> None:
                 client.sendall(GOOD + tail)
                 up = upstream.accept()
                 got = recv_all(up)
-            assert wait_closed(client) < 1.0
+            assert wait_closed(client) < SLACK
             report = report_when(p, lambda r: r["connections_active"] == 0)
             up.close()
         assert got == GOOD

@@ -14,27 +14,22 @@ import time
 
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
+    IO_TIMEOUT,
+    SLACK,
     Proxy,
     connect,
     cpu_seconds,
+    idle_report,
+    ping_pong_worst_ms,
     proxy,
     recv_lines,
     report_when,
+    round_trip,
     run_foo_client,
     wait_closed,
     wait_until,
     worker_pid,
 )
-
-
-def _round_trip(client: socket.socket, seq: int, data: bytes = b"ping") -> None:
-    client.sendall(b"REQ %d %s\n" % (seq, data))
-    assert recv_lines(client, 1) == [reply_for("REQ", seq, data)]
-
-
-def _idle(p: Proxy) -> dict:
-    return report_when(p, lambda r: r["connections_active"] == 0)
-
 
 # --- 9. --max-connections, --idle-timeout, --max-line ---------------------------------------
 
@@ -44,7 +39,7 @@ def test_max_connections_refuses_the_next_client_only(foo_port: int) -> None:
 
     1. Start the proxy with --max-connections=2.
     2. Two clients connect and each completes a request.
-    3. A third client connects: its connection is closed within 0.5 s.
+    3. A third client connects: its connection is closed at once.
     4. connections_refused is 1, and the log has one "limit reached" line.
     5. The first two clients complete another request each.
     6. One of them leaves: a new client is served again.
@@ -52,19 +47,19 @@ def test_max_connections_refuses_the_next_client_only(foo_port: int) -> None:
     with proxy(foo_port, "--max-connections=2") as p:
         first, second = connect(p.port), connect(p.port)
         with first, second:
-            _round_trip(first, 1)
-            _round_trip(second, 1)
+            round_trip(first, 1)
+            round_trip(second, 1)
             with connect(p.port) as third:
-                assert wait_closed(third) < 0.5
+                assert wait_closed(third) < SLACK
             report = p.report()
             assert report["connections_refused"] == 1
             assert report["connections_active"] == 2
             assert p.wait_log("limit reached")
-            _round_trip(first, 2)
-            _round_trip(second, 2)
-        _idle(p)
+            round_trip(first, 2)
+            round_trip(second, 2)
+        idle_report(p)
         with connect(p.port) as fourth:
-            _round_trip(fourth, 1)
+            round_trip(fourth, 1)
         assert p.report()["connections_refused"] == 1
 
 
@@ -81,19 +76,19 @@ def test_idle_timeout_closes_only_the_idle_connection(foo_port: int) -> None:
     with proxy(foo_port, "--idle-timeout=0.5") as p:
         idle, active = connect(p.port), connect(p.port)
         with idle, active:
-            _round_trip(idle, 1)
-            _round_trip(active, 1)
+            round_trip(idle, 1)
+            round_trip(active, 1)
             last_traffic = time.monotonic()
             for seq in range(2, 14):
                 time.sleep(0.1)
-                _round_trip(active, seq)
+                round_trip(active, seq)
                 if seq == 10:  # 0.9 s in: the idle one must be gone by now
                     assert p.report()["connections_closed"]["idle_timeout"] == 1
             assert wait_closed(idle, timeout=0.01) >= 0  # already closed
             idle_for = p.wait_log("reason=idle_timeout")
             assert "duration_s=" in idle_for
             assert time.monotonic() - last_traffic >= 1.2
-        report = _idle(p)
+        report = idle_report(p)
         assert report["connections_closed"]["idle_timeout"] == 1
         assert report["connections_closed"]["client_closed"] == 1
 
@@ -103,12 +98,13 @@ def test_idle_timeout_timing(foo_port: int) -> None:
 
     1. Start the proxy with --idle-timeout=0.5.
     2. A client completes a request, then waits.
-    3. Its connection is closed between 0.45 s and 0.9 s after the reply.
+    3. Its connection is closed no sooner than 0.45 s after the reply, and
+       not much later than 0.5 s (SLACK allows for a busy machine).
     """
     with proxy(foo_port, "--idle-timeout=0.5") as p, connect(p.port) as client:
-        _round_trip(client, 1)
-        waited = wait_closed(client)
-        assert 0.45 <= waited <= 0.9, waited
+        round_trip(client, 1)
+        waited = wait_closed(client, timeout=IO_TIMEOUT + SLACK)
+        assert 0.45 <= waited <= 0.5 + SLACK, waited
 
 
 def test_max_line_counts_long_line_invalid_and_forwards_it(foo_port: int) -> None:
@@ -125,7 +121,7 @@ def test_max_line_counts_long_line_invalid_and_forwards_it(foo_port: int) -> Non
         with connect(p.port) as client:
             client.sendall(b"REQ 1 %s\nREQ 2 %s\n" % (short, long))
             assert recv_lines(client, 2) == [reply_for("REQ", 1, short), reply_for("REQ", 2, long)]
-        report = _idle(p)
+        report = idle_report(p)
         assert report["msg_req_client_to_upstream"] == 1
         assert report["msg_invalid_client_to_upstream"] == 1
         assert report["bytes_client_to_upstream"] == 300
@@ -134,6 +130,18 @@ def test_max_line_counts_long_line_invalid_and_forwards_it(foo_port: int) -> Non
 # --- 10. file descriptors -------------------------------------------------------------------
 
 NOFILE = 64
+#: The most of one CPU a waiting proxy may use. A loop that spins (retrying
+#: accept, or polling idle connections) takes a whole core when it can, and
+#: still half of one on a machine whose two cores are kept busy by others.
+IDLE_CPU_SHARE = 0.2
+
+
+def _cpu_share(p: Proxy, seconds: float = 2.0) -> float:
+    """The share of one CPU the proxy's worker (which serves) used over ``seconds``."""
+    worker = worker_pid(p)
+    before, started = cpu_seconds(worker), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(worker) - before) / (time.monotonic() - started)
 
 
 def _poll_clients(clients: list[socket.socket]) -> tuple[set[int], set[int]]:
@@ -159,7 +167,7 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
     2. Open 80 clients, each sending one REQ: each proxied connection needs two
        descriptors, so at most ~29 can be served.
     3. accept_errors counts the failures; the proxy's CPU time over 1 s stays
-       under 0.1 s (it backs off instead of retrying accept() in a loop).
+       under IDLE_CPU_SHARE (it backs off instead of retrying accept() in a loop).
     4. Nothing is blamed on the upstream (upstream_connect_failures is 0: a
        descriptor missing for the upstream socket is the proxy's own shortage).
     5. The log has at most two "..., pausing" lines (rate-limited) naming the
@@ -178,11 +186,8 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
                 clients.append(client)
             report = report_when(p, lambda r: r["accept_errors"] >= 1)
             time.sleep(0.3)
-            worker = worker_pid(p)
-            before = cpu_seconds(worker)
-            time.sleep(1.0)
-            spent = cpu_seconds(worker) - before
-            assert spent < 0.1, f"{spent:.2f} s of CPU in 1 s while out of descriptors"
+            spent = _cpu_share(p)
+            assert spent < IDLE_CPU_SHARE, f"{spent:.0%} of a CPU while out of descriptors"
             answered, closed = _poll_clients(clients)
             report = p.report()
             print(f"out of descriptors: {len(answered)} served, {len(closed)} closed, {report}")
@@ -208,20 +213,10 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
                 answered.update(waiting[j] for j in now)
                 return len([i for i in waiting if i in answered]) >= min(5, len(waiting))
 
-            wait_until(newly_served, timeout=3.0)
-        _idle(p)
+            wait_until(newly_served, timeout=3.0 + SLACK)
+        idle_report(p)
         result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
         assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
-
-
-def _ping_pong_worst_ms(port: int, count: int = 100) -> float:
-    worst = 0.0
-    with connect(port) as client:
-        for seq in range(1, count + 1):
-            started = time.perf_counter()
-            _round_trip(client, seq)
-            worst = max(worst, time.perf_counter() - started)
-    return worst * 1000
 
 
 def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) -> None:
@@ -230,16 +225,16 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
     1. Start the proxy; measure the worst round trip of 100 ping-pong REQs.
     2. Open 1,000 connections that each complete one request, then go idle
        past the proxy's park delay (their client sides are parked).
-    3. The proxy uses under 0.1 s of CPU over 1 s while they sit idle.
-    4. The reference client prints OK within 5 s; 100 ping-pong REQs have no
-       round trip above 50 ms.
+    3. The proxy uses under IDLE_CPU_SHARE of a CPU while they sit idle.
+    4. The reference client prints OK within 5 s (plus SLACK); 100 ping-pong
+       REQs have no round trip above ten times the quiet worst case plus SLACK.
     5. All 1,000 send one more REQ at once: every one is answered.
     6. Close the 1,000: connections_active returns to 0.
     """
     from geventproxy.server import ProxyServer
 
     with proxy(foo_port) as p:
-        quiet = _ping_pong_worst_ms(p.port)
+        quiet = ping_pong_worst_ms(p.port)
         with contextlib.ExitStack() as stack:
             idle = [stack.enter_context(connect(p.port)) for _ in range(1000)]
             for client in idle:
@@ -248,21 +243,18 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
                 assert recv_lines(client, 1) == [reply_for("REQ", 1, b"idle")]
             report_when(p, lambda r: r["connections_active"] == 1000, timeout=10)
             time.sleep(max(0.0, ProxyServer.park_after - 0.5))
-            worker = worker_pid(p)
-            before = cpu_seconds(worker)
-            time.sleep(1.0)
-            spent = cpu_seconds(worker) - before
-            assert spent < 0.1, f"{spent:.2f} s of CPU in 1 s with 1,000 idle connections"
+            spent = _cpu_share(p)
+            assert spent < IDLE_CPU_SHARE, f"{spent:.0%} of a CPU with 1,000 idle connections"
             started = time.monotonic()
             result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
             took = time.monotonic() - started
-            busy = _ping_pong_worst_ms(p.port)
+            busy = ping_pong_worst_ms(p.port)
             for client in idle:
                 client.sendall(b"REQ 2 awake\n")
             for client in idle:
                 assert recv_lines(client, 1) == [reply_for("REQ", 2, b"awake")]
         print(f"ping-pong worst: {quiet:.2f} ms alone, {busy:.2f} ms beside 1,000 idle")
         assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
-        assert took < 5.0
-        assert busy < 50.0
+        assert took < 5.0 + SLACK
+        assert busy < 10 * quiet + 1000 * SLACK
         report_when(p, lambda r: r["connections_active"] == 0, timeout=10)

@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
+    IO_TIMEOUT,
     REPO_ROOT,
+    SLACK,
     STARTUP_TIMEOUT,
     Proxy,
     connect,
@@ -27,6 +28,7 @@ from tests.helpers import (
     proxy_listening,
     recv_lines,
     report_when,
+    round_trip,
     run_foo_client,
     scripted_upstream,
     spawn_proxy,
@@ -37,11 +39,6 @@ from tests.helpers import (
     wait_exit,
     wait_until,
 )
-
-
-def _round_trip(client: socket.socket, seq: int) -> None:
-    client.sendall(b"REQ %d hello\n" % seq)
-    assert recv_lines(client, 1) == [reply_for("REQ", seq, b"hello")]
 
 
 def _refused(port: int) -> bool:
@@ -68,22 +65,22 @@ def test_sigterm_drains_an_open_conversation_then_exits_zero(foo_port: int) -> N
     1. Start the proxy with --drain-timeout=5; a client completes a request.
     2. SIGTERM: within 0.5 s a new connect is refused (the listener is closed).
     3. The open client goes on: four more requests are answered.
-    4. The client closes: the proxy exits 0 at once (not after the 5 s drain
+    4. The client closes: the proxy exits 0 at once (not after the 30 s drain
        timeout), having written a final JSON report as its last stdout line,
        with the five REQs and the connection closed by the client.
     """
-    p = start_proxy(foo_port, "--drain-timeout=5")
+    p = start_proxy(foo_port, "--drain-timeout=30")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             p.proc.send_signal(signal.SIGTERM)
             wait_until(lambda: _refused(p.port), timeout=0.5)
             for seq in range(2, 6):
-                _round_trip(client, seq)
+                round_trip(client, seq)
             assert p.proc.poll() is None
             closed_at = time.monotonic()
         assert wait_exit(p) == 0
-        assert time.monotonic() - closed_at < 1.0
+        assert time.monotonic() - closed_at < SLACK
         final = _final(p)
         assert final["msg_req"] == 5 and final["connections_active"] == 0
         # A probe that got in before the listener closed is a client_closed of its own.
@@ -105,10 +102,10 @@ def test_drain_timeout_closes_a_lingering_connection(foo_port: int) -> None:
     p = start_proxy(foo_port, "--drain-timeout=1")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             p.proc.send_signal(signal.SIGTERM)
-            waited = wait_closed(client)
-        assert 0.8 <= waited <= 2.0, waited
+            waited = wait_closed(client, timeout=IO_TIMEOUT + SLACK)
+        assert 0.8 <= waited <= 1.0 + SLACK, waited
         assert wait_exit(p) == 0
         final = _final(p)
         assert final["connections_closed"]["shutdown"] == 1
@@ -129,14 +126,14 @@ def test_second_sigterm_exits_at_once(foo_port: int) -> None:
     p = start_proxy(foo_port, "--drain-timeout=30")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             p.proc.send_signal(signal.SIGTERM)
             p.wait_log("draining")
             forced_at = time.monotonic()
             p.proc.send_signal(signal.SIGTERM)
             assert wait_exit(p) == 0
-            assert time.monotonic() - forced_at < 1.0
-            assert wait_closed(client, timeout=1.0) < 1.0
+            assert time.monotonic() - forced_at < SLACK
+            assert wait_closed(client, timeout=SLACK) < SLACK
         assert _final(p)["connections_closed"]["shutdown"] == 1
     finally:
         p.stop(signal.SIGKILL)
@@ -276,7 +273,7 @@ def test_sigusr1_during_drain_and_exit_never_kills(foo_port: int) -> None:
     p = start_proxy(foo_port, "--drain-timeout=1")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
             done, sent = threading.Event(), []
             p.proc.send_signal(signal.SIGTERM)
             blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
@@ -364,7 +361,7 @@ def test_log_connections_false_drops_open_and_close_lines(foo_port: int) -> None
     p = start_proxy(foo_port, "--log-connections=false")
     try:
         with connect(p.port) as client:
-            _round_trip(client, 1)
+            round_trip(client, 1)
         report_when(p, lambda r: r["connections_active"] == 0)
         p.proc.send_signal(signal.SIGTERM)
         assert wait_exit(p) == 0
@@ -395,7 +392,7 @@ def test_strict_violation_log_escapes_and_truncates_peer_bytes(fmt: str) -> None
     ):
         with connect(p.port) as client:
             client.sendall(EVIL_LINE)
-            assert wait_closed(client) < 1.0
+            assert wait_closed(client) < SLACK
         line = p.wait_log("client broke strict mode")
         report_when(p, lambda r: r["connections_closed"]["strict_violation"] == 1)
     assert line.endswith("\n") and line.count("\n") == 1

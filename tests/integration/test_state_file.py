@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.helpers import foo_server, proxy, run_foo_client, wait_until
+import pytest
+
+from tests.helpers import foo_server, proxy, run_foo_client, subprocess_env, wait_until
 
 RATES = ("request_rate_1s", "request_rate_10s", "response_rate_1s", "response_rate_10s")
 
@@ -71,23 +75,46 @@ def test_written_periodically_while_running(tmp_path: Path) -> None:
         assert p.proc.poll() is None
 
 
-def test_corrupt_file_is_logged_once_and_ignored(tmp_path: Path) -> None:
+def test_corrupt_file_is_logged_once_kept_aside_and_ignored(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    path.write_bytes(b'{"format": "geventproxy-state", "version": 1, "totals": {"msg_req_cl')
+    corrupt = b'{"format": "geventproxy-state", "version": 1, "totals": {"msg_req_cl'
+    path.write_bytes(corrupt)
     with foo_server() as (_, port), proxy(port, f"-state-file={path}") as p:
         _traffic(p.port)
         report = p.report()
         assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (100, 88, 12)
         lines = _state_lines(p.log())
         assert len(lines) == 1 and "state file corrupt, ignored" in lines[0], lines
+        assert f"kept_as={path}.corrupt" in lines[0]
         assert p.stop() == 0
     assert _totals(path)["msg_req_client_to_upstream"] == 100  # replaced by a good one
+    assert (tmp_path / "state.json.corrupt").read_bytes() == corrupt  # and the bad one kept
 
 
-def test_unwritable_path_is_logged_and_not_fatal(tmp_path: Path) -> None:
-    path = tmp_path / "no-such-dir" / "state.json"
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+def test_a_path_that_can_never_be_written_is_refused_at_start(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "no-such-dir" / "state.json" if where == "missing-dir" else tmp_path
+    done = subprocess.run(
+        [sys.executable, "-m", "geventproxy", "-listen=127.0.0.1:0", f"-state-file={path}"],
+        env=subprocess_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2 and done.stdout == "", done
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("geventproxy: error: -state-file: "), line
+    assert ("does not exist" if where == "missing-dir" else "is a directory") in line
+
+
+def test_a_directory_gone_while_running_is_logged_and_not_fatal(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir()
+    path = directory / "state.json"
     with foo_server() as (_, port), proxy(port, f"-state-file={path}") as p:
         _traffic(p.port)
+        directory.rmdir()
         assert p.stop() == 0
         p.wait_log("cannot write the state file")
         lines = _state_lines(p.log())

@@ -49,7 +49,7 @@ def test_an_error_while_stopping_still_writes_the_state_file_and_the_last_report
     monkeypatch.setattr(Restarts, "start", lambda self, generation, slot: None)
 
     def turn() -> None:
-        supervisor.shared.give(1)
+        supervisor.shared.give(1, worker=0, generation=1)
         Stats(supervisor.shared.blocks[1], mark_start=False).incr("connections_total")
         supervisor.handle_term()
 

@@ -19,6 +19,7 @@ from geventproxy.config import (
     load,
     load_with_file,
     parse_env_file,
+    unknown_environment,
 )
 from geventproxy.stats import Stats, snapshot
 from tests.helpers import REPO_ROOT, subprocess_env
@@ -31,6 +32,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "connect-timeout": ("500ms", 0.5),
     "idle-timeout": ("2m", 120.0),
     "fin-timeout": ("3", 3.0),
+    "client-fin-timeout": ("2s", 2.0),
     "drain-timeout": ("1.5s", 1.5),
     "max-line": ("1024", 1024),
     "strict": ("yes", True),
@@ -42,6 +44,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "state-file": ("/var/lib/geventproxy/state.json", "/var/lib/geventproxy/state.json"),
     "state-interval": ("10s", 10.0),
     "health-interval": ("250ms", 0.25),
+    "report-interval": ("30s", 30.0),
     "worker-timeout": ("2s", 2.0),
     "env-file": ("/etc/geventproxy/env", "/etc/geventproxy/env"),
 }
@@ -151,6 +154,8 @@ def test_admin_and_listen_may_both_take_a_free_port() -> None:
         ["-log-format=xml"],
         ["-workers=0"],
         ["-admin=:8002"],  # the same as the default -listen
+        ["-report-interval=10ms"],  # a line every 10 ms is a flood, not a report
+        ["-report-interval=-1s"],
         ["-no-such-flag"],
         ["-listen"],
         ["stray"],
@@ -258,6 +263,22 @@ def test_cli_help_names_every_flag_signal_and_statistic() -> None:
     assert "msg_<type>_<direction>" in text
     assert ENV_PREFIX in text
     assert _cli("-h").stdout == text
+    go_style = _cli("-help")  # as the Go-style binaries of the task accept it
+    assert (go_style.returncode, go_style.stdout, go_style.stderr) == (0, text, "")
+
+
+def test_unknown_environment_variables_are_named_with_the_likely_one() -> None:
+    env = {
+        "GEVENTPROXY_IDLE_TIMOUT": "5",
+        "GEVENTPROXY_FORWARD": "db:1",
+        "GEVENTPROXY_COLOUR": "blue",
+        "PATH": "/bin",
+    }
+    assert unknown_environment(env) == [
+        ("GEVENTPROXY_COLOUR", None),
+        ("GEVENTPROXY_IDLE_TIMOUT", "GEVENTPROXY_IDLE_TIMEOUT"),
+    ]
+    assert unknown_environment({_env(flag): "x" for flag in SAMPLES}) == []
 
 
 @pytest.mark.parametrize("flag", ["--version", "-version"])

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from geventproxy import __version__, metrics
 from geventproxy.codec import Counts
 from geventproxy.metrics import render_prometheus
+from geventproxy.process import Figures
 from geventproxy.stats import (
     CLOSE_REASONS,
     COUNTERS,
@@ -204,3 +205,67 @@ def test_wrong_histogram_length_is_refused(stats: Stats) -> None:
     report = snapshot([stats.block], stats.clock())
     with pytest.raises(ValueError):
         render_prometheus(report, ([1, 2, 3], 6))
+
+
+FIGURES = Figures(
+    open_fds=12,
+    max_fds=float("inf"),
+    resident_memory_bytes=30 << 20,
+    virtual_memory_bytes=200 << 20,
+    cpu_seconds_total=1.5,
+    start_time_seconds=1.7e9,
+    ppid=1,
+)
+PROCESS_FAMILIES = {
+    "process_open_fds": ("gauge", "open_fds"),
+    "process_max_fds": ("gauge", "max_fds"),
+    "process_resident_memory_bytes": ("gauge", "resident_memory_bytes"),
+    "process_virtual_memory_bytes": ("gauge", "virtual_memory_bytes"),
+    "process_cpu_seconds": ("counter", "cpu_seconds_total"),
+    "process_start_time_seconds": ("gauge", "start_time_seconds"),
+}
+
+
+def test_one_process_its_figures_unlabelled_and_the_upstream_gauge(stats: Stats) -> None:
+    report = snapshot([stats.block], stats.clock())
+    text = render_prometheus(
+        report, latency_histogram([stats.block]), upstream_up=True, processes=[(None, FIGURES)]
+    )
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == set(EXPECTED) | set(PROCESS_FAMILIES) | {"geventproxy_upstream_up"}
+    for name, (kind, field) in PROCESS_FAMILIES.items():
+        assert families[name].type == kind and families[name].documentation
+        assert _value(families[name]) == getattr(FIGURES, field), name
+    assert _value(families["geventproxy_upstream_up"]) == 1
+    assert "process_max_fds +Inf" in text
+    text = render_prometheus(report, latency_histogram([stats.block]), upstream_up=False)
+    assert "\ngeventproxy_upstream_up 0\n" in text and "process_" not in text
+
+
+def test_workers_are_labelled_under_names_of_their_own(stats: Stats) -> None:
+    """The unlabelled totals stay the sums; per-worker figures never share a name with them."""
+    report = snapshot([stats.block], stats.clock())
+    second = FIGURES._replace(open_fds=9)
+    workers = [
+        ("0", {"pid": 10, "connections_active": 2, "connections_total": 30, "requests": 700}),
+        ("1", {"pid": 11, "connections_active": 1, "connections_total": 12, "requests": 300}),
+    ]
+    text = render_prometheus(
+        report,
+        latency_histogram([stats.block]),
+        upstream_up=True,
+        processes=[("0", FIGURES), ("1", second), ("parent", FIGURES)],
+        workers=workers,
+    )
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert _value(families["process_open_fds"], worker="1") == 9
+    assert _value(families["process_open_fds"], worker="parent") == 12
+    assert _value(families["geventproxy_worker_requests"], worker="0") == 700
+    assert _value(families["geventproxy_worker_connections"], worker="1") == 12
+    assert _value(families["geventproxy_worker_connections_active"], worker="0") == 2
+    assert families["geventproxy_worker_requests"].type == "counter"
+    # The totals are the same families, unlabelled, as with one process.
+    assert _value(families["geventproxy_connections_active"]) == report["connections_active"]
+    for name in EXPECTED:
+        for sample in families[name].samples:
+            assert "worker" not in sample.labels

@@ -22,7 +22,7 @@ def _written(shared: SharedStats, index: int, reqs: int) -> Stats:
 
 def test_a_worker_maps_the_parents_blocks() -> None:
     parent = SharedStats.create(3)
-    parent.give(1)
+    parent.give(1, worker=0, generation=1)
     worker = SharedStats.attach(parent.fd)  # what the exec'd worker does with the descriptor
     _written(worker, 1, 5)
     assert snapshot(parent.used(), NOW)["msg_req"] == 5
@@ -43,7 +43,7 @@ def test_a_block_outlives_its_worker_and_the_next_one_counts_on() -> None:
     2. Worker B gets the free block 1 and counts on from A's totals.
     3. Meanwhile worker C writes block 2: the report is the sum, never less than before."""
     shared = SharedStats.create(4)
-    shared.give(1)
+    shared.give(1, worker=0, generation=1)
     _written(shared, 1, 5)
     before = snapshot(shared.used(), NOW)
     assert (before["msg_req"], before["connections_active"]) == (5, 1)
@@ -52,8 +52,8 @@ def test_a_block_outlives_its_worker_and_the_next_one_counts_on() -> None:
     assert (exited["msg_req"], exited["connections_active"]) == (5, 0)
     assert exited["request_rate_10s"] == before["request_rate_10s"] == 0.5
     assert shared.free(held=set()) == [1, 2, 3]  # the used block first
-    shared.give(1)
-    shared.give(2)
+    shared.give(1, worker=0, generation=1)
+    shared.give(2, worker=0, generation=1)
     _written(shared, 1, 3)
     _written(shared, 2, 2)
     after = snapshot(shared.used(), NOW)
@@ -71,7 +71,7 @@ def test_the_baseline_is_summed_in_and_never_given_out() -> None:
     saved.record(0, 100, Counts(req=7))
     shared = SharedStats.create(3)
     shared.set_baseline(new_baseline(persistent_totals([saved.block])))
-    shared.give(1)
+    shared.give(1, worker=0, generation=1)
     _written(shared, 1, 1)
     report = snapshot(shared.used(), NOW)
     assert report["msg_req"] == 8

@@ -210,14 +210,28 @@ def test_load_baseline_logs_one_line_and_never_raises(
     assert state.load_baseline(str(path)) is None
     assert [r.getMessage() for r in records] == ["state file not found, totals start from zero"]
     records.clear()
-    path.write_bytes(b'{"format": "geventproxy-state", "version": 1, "totals": {"msg_')
+    corrupt = b'{"format": "geventproxy-state", "version": 1, "totals": {"msg_'
+    path.write_bytes(corrupt)
     assert state.load_baseline(str(path)) is None
     assert [(r.levelno, r.getMessage()) for r in records] == [
         (logging.WARNING, "state file corrupt, ignored")
     ]
+    # Kept aside, not overwritten by the next write; the log says where.
+    assert not path.exists() and (tmp_path / "state.json.corrupt").read_bytes() == corrupt
+    assert records[0].fields["kept_as"] == f"{path}.corrupt"
     records.clear()
     path.write_bytes(state.encode(persistent_totals([_busy(FakeClock()).block])))
     block = state.load_baseline(str(path))
     assert block is not None
     assert snapshot([block], 0)["msg_req"] == 30
     assert [r.getMessage() for r in records] == ["state file loaded"]
+
+
+def test_check_path_refuses_what_can_never_be_written(tmp_path: Path) -> None:
+    assert state.check_path(str(tmp_path / "state.json")) is None
+    (tmp_path / "state.json").write_bytes(b"anything")
+    assert state.check_path(str(tmp_path / "state.json")) is None  # an existing file is fine
+    assert "is a directory" in state.check_path(str(tmp_path))
+    missing = tmp_path / "no-such-dir" / "state.json"
+    assert "does not exist" in state.check_path(str(missing))
+    assert "not a directory" in state.check_path(str(tmp_path / "state.json" / "x.json"))

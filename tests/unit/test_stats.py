@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from geventproxy.codec import Counts
 from geventproxy.sharedstats import SharedStats
-from geventproxy.stats import BUCKET_NS, Stats, new_block, snapshot
+from geventproxy.stats import BUCKET_NS, Stats, new_block, set_pid, snapshot, worker_figures
 
 S = 1_000_000_000  # ns
 
@@ -135,15 +135,19 @@ def test_bucket_boundaries() -> None:
     for t in (500 * S - 1, 500 * S, 500 * S + 1, 500 * S + BUCKET_NS - 1, 500 * S + BUCKET_NS):
         clock.now = t
         _feed(stats, oracle, clock, 1, 1)
-    for probe in range(501 * S - 2, 501 * S + BUCKET_NS + 2):
-        if probe % 97 == 0 or abs(probe - 501 * S) <= 2 or abs(probe - 501 * S - BUCKET_NS) <= 2:
-            _check(stats, oracle, probe)
+    # Every nanosecond around both edges, and a spread of probes between them (each
+    # probe is a full snapshot: probing all million nanoseconds would take minutes).
+    edges = (501 * S, 501 * S + BUCKET_NS)
+    probes = {edge + d for edge in edges for d in range(-3, 4)}
+    probes.update(range(501 * S - 2, 501 * S + BUCKET_NS + 2, 9_973))
+    for probe in sorted(probes):
+        _check(stats, oracle, probe)
 
 
 def test_blocks_sum() -> None:
     clock = FakeClock()
     shared = SharedStats.create(2)  # a worker's block, in shared memory
-    shared.give(1)
+    shared.give(1, worker=0, generation=1)
     a, b = Stats(shared.blocks[1], clock), Stats(new_block(), clock)
     rng = random.Random(5)
     total = 0
@@ -176,3 +180,25 @@ def test_counters_and_report_fields() -> None:
     assert r["connections_total"] == r["connections_active"] == 1
     assert r["msg_invalid_client_to_upstream"] == 1
     assert r["uptime_s"] == 1.0
+
+
+def test_worker_figures_are_one_block_alone() -> None:
+    clock = FakeClock()
+    shared = SharedStats.create(3)  # workers' blocks, in shared memory
+    shared.give(1, worker=0, generation=1)
+    shared.give(2, worker=0, generation=1)
+    mine, other = Stats(shared.blocks[1], clock), Stats(shared.blocks[2], clock)
+    set_pid(mine.block, 4242)
+    mine.incr("connections_total", 3)
+    mine.incr("connections_active")
+    mine.record(0, 10, Counts(req=5))
+    mine.record(1, 10, Counts(ack=5))
+    other.record(0, 10, Counts(req=7))
+    assert worker_figures(mine.block) == {
+        "pid": 4242,
+        "connections_active": 1,
+        "connections_total": 3,
+        "requests": 5,
+    }
+    assert worker_figures(other.block)["pid"] == 0
+    assert snapshot([mine.block, other.block], clock.now)["msg_req"] == 12

@@ -1,0 +1,121 @@
+"""The ProxyServer in-process: what stopping it stops, and one reason per connection.
+
+Runs on this process's gevent hub (no monkey-patching), with the reference
+server's class as the upstream.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import gevent
+import gevent.socket
+import pytest
+
+from geventproxy import server as server_module
+from geventproxy.config import Address, Config
+from geventproxy.server import ProxyServer, make_listener
+from geventproxy.stats import Stats, snapshot
+from geventproxy.testing.protocol import reply_for
+from geventproxy.testing.server import FooServer
+
+
+@pytest.fixture
+def upstream() -> Iterator[FooServer]:
+    foo = FooServer(("127.0.0.1", 0))
+    foo.start()
+    yield foo
+    foo.stop()
+
+
+def _proxy(upstream: FooServer) -> tuple[ProxyServer, Stats]:
+    config = Config(
+        listen=Address("127.0.0.1", 0),
+        forward=Address("127.0.0.1", upstream.server_port),
+        log_connections=False,
+    )
+    stats = Stats()
+    proxy = ProxyServer(make_listener(config.listen), config, stats)
+    proxy.start()
+    return proxy, stats
+
+
+def _report(stats: Stats) -> dict:
+    return snapshot([stats.block], stats.clock())
+
+
+def _served_client(port: int, seq: int) -> gevent.socket.socket:
+    client = gevent.socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(b"REQ %d x\n" % seq)
+    reply = b""
+    while not reply.endswith(b"\n"):  # the reference server writes a reply in pieces
+        piece = client.recv(1024)
+        assert piece, reply
+        reply += piece
+    assert reply == reply_for("REQ", seq, b"x")
+    return client
+
+
+def test_close_stops_the_resume_timer_and_the_sweeper_ends_with_the_last_connection(
+    upstream: FooServer,
+) -> None:
+    """1. A started proxy has a sweeper; out of descriptors, it has a resume timer.
+    2. close(): the resume timer is gone at once, and accepting never resumes.
+    3. A connection still open keeps the sweeper alive (its timeouts still hold).
+    4. Once that connection ends, the sweeper ends by itself.
+    """
+    proxy, _ = _proxy(upstream)
+    try:
+        client = _served_client(proxy.server_port, 1)
+        assert proxy.sweeper.running
+        proxy._pause_accepting(OSError(errno.EMFILE, "Too many open files"))
+        assert proxy._resume_timer is not None
+        proxy.close()
+        assert proxy._resume_timer is None
+        gevent.sleep(proxy.accept_retry_min * 3)
+        assert proxy.closed
+        assert proxy.sweeper.running  # one connection is still open
+        client.close()
+        with gevent.Timeout(10):
+            while proxy.sweeper.running:
+                gevent.sleep(0.05)
+        assert not proxy.connections
+    finally:
+        proxy.abort_all()
+
+
+def test_an_error_preparing_the_client_socket_still_closes_with_one_reason(
+    upstream: FooServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. Preparing the next client's socket fails (an OSError from setsockopt).
+    2. That connection is counted closed with reason error; none stays active.
+    3. The listener goes on: the next client is served.
+    """
+    proxy, stats = _proxy(upstream)
+    real_plain = server_module.plain_socket
+    failures = [OSError(errno.EINVAL, "Invalid argument")]
+
+    def flaky_plain(sock, send_buffer=None):
+        if failures:
+            raise failures.pop()
+        return real_plain(sock, send_buffer)
+
+    monkeypatch.setattr(server_module, "plain_socket", flaky_plain)
+    try:
+        first = gevent.socket.create_connection(("127.0.0.1", proxy.server_port), timeout=10)
+        with gevent.Timeout(10):
+            assert first.recv(1024) == b""  # closed by the proxy
+            while _report(stats)["connections_closed"]["error"] != 1:
+                gevent.sleep(0.02)
+        second = _served_client(proxy.server_port, 2)
+        second.close()
+        with gevent.Timeout(10):
+            while _report(stats)["connections_active"]:
+                gevent.sleep(0.02)
+        report = _report(stats)
+        assert report["connections_total"] == 2
+        assert report["connections_closed"]["error"] == 1
+        assert report["connections_closed"]["client_closed"] == 1
+    finally:
+        proxy.abort_all()
