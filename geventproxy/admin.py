@@ -306,6 +306,9 @@ class AdminServer:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def start(self) -> None:
+        # The first check before the first request: a worker that starts serving (at
+        # start, or as a reload's new worker 0) never answers "not checked yet".
+        self.health.check()
         self.health.start()
         self.http.start()
         log.info(
