@@ -391,11 +391,7 @@ def proxy_listening(p: Proxy, timeout: float = STARTUP_TIMEOUT) -> Proxy:
 def wait_exit(p: Proxy, timeout: float = IO_TIMEOUT) -> int:
     """Wait for the proxy to exit and for its stdout to be read to the end; its exit status."""
     code = p.proc.wait(timeout)
-    seen, still_since = -1, time.monotonic()
-    while time.monotonic() - still_since < 0.1:
-        if len(p.stdout_lines) != seen:
-            seen, still_since = len(p.stdout_lines), time.monotonic()
-        time.sleep(0.01)
+    p.drain_output()
     return code
 
 
