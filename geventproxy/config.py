@@ -22,6 +22,7 @@ __all__ = [
     "Address",
     "Config",
     "ConfigError",
+    "format_address",
     "parse_address",
     "load",
     "unknown_environment",
@@ -43,9 +44,20 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_address((self.host, self.port))
+
+
+def format_address(address: Any) -> str:
+    """A socket address as host:port, [v6]:port for IPv6, IPv4-mapped IPv6 as IPv4.
+
+    The one place an address is written out: flags, logs, the admin endpoint.
+    """
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on the dual-stack listener: print it as IPv4
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
 
 
 @dataclasses.dataclass(frozen=True)

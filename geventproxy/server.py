@@ -21,7 +21,7 @@ import gevent.socket
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from .config import Address, Config
+from .config import Address, Config, format_address
 from .connection import Connection
 from .logs import LOGGER, RateLimit, escape
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT
@@ -92,16 +92,6 @@ def open_listener(address: Address, flag: str = "-listen") -> socket.socket | No
             extra={"fields": {"address": str(address), "error": exc.strerror or str(exc)}},
         )
         return None
-
-
-def format_address(address: Any) -> str:
-    """A socket address as host:port, [v6]:port for IPv6, IPv4-mapped IPv6 as IPv4."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
-            host = host[7:]  # an IPv4 client on the dual-stack listener: print it as IPv4
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
 
 
 class ProxyServer(StreamServer):

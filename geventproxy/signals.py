@@ -16,7 +16,7 @@ __all__ = ["install", "ignore_report_signal"]
 
 
 def ignore_report_signal() -> None:
-    """Until the proxy's handler is in place, USR1 must not kill the process."""
+    """USR1 must never kill the process: ignored before its handler is in place and after."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 

@@ -33,7 +33,7 @@ import gevent
 from gevent.event import Event
 
 from .logs import LOGGER
-from .stats import new_baseline
+from .stats import Block, new_baseline
 
 __all__ = [
     "FORMAT",
@@ -93,7 +93,7 @@ def decode(data: bytes) -> dict[str, Any]:
     return totals
 
 
-def load_baseline(path: str) -> memoryview | None:
+def load_baseline(path: str) -> Block | None:
     """The saved totals as a baseline block, or None (logged once) if there are none."""
     try:
         with open(path, "rb") as f:
