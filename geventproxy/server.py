@@ -128,14 +128,8 @@ class ProxyServer(StreamServer):
         self._resume_timer: Any = None  # at most one pending resume of accepting
         self._accept_log = RateLimit(5.0)
         self._refuse_log = RateLimit(5.0)
-        self.dialer = Dialer(config.forward, config.connect_timeout, stats, self.send_buffer)
-        self.sweeper = Sweeper(
-            self.connections,
-            config,
-            self.park_after,
-            self.sweep_interval,
-            finished=lambda: self.closed and not self.connections,
-        )
+        self.dialer = Dialer(config.forward, config.connect_timeout, stats)
+        self.sweeper: Sweeper | None = None  # made at start(), from the tunables as set then
 
     # -- accepting -----------------------------------------------------------
 
@@ -224,7 +218,7 @@ class ProxyServer(StreamServer):
 
     def _dial(self, conn: Connection) -> socket.socket | None:
         try:
-            sock = self.dialer.dial(conn.id, conn.peer)
+            sock = self.dialer.dial(conn.id, conn.peer, self.send_buffer)
         except OutOfDescriptors as exc:
             # The proxy's own shortage: count it with the accept failures and stop
             # taking clients (which would only be closed in turn) for a while.
@@ -289,6 +283,14 @@ class ProxyServer(StreamServer):
         # exhaustion that import itself fails (EMFILE opening its source file).
         gevent.get_hub().resolver  # noqa: B018
         super().start()
+        if self.sweeper is None:
+            self.sweeper = Sweeper(
+                self.connections,
+                self.config,
+                self.park_after,
+                self.sweep_interval,
+                finished=lambda: self.closed and not self.connections,
+            )
         self.sweeper.start()
 
     def close(self) -> None:
@@ -320,5 +322,6 @@ class ProxyServer(StreamServer):
         for conn in left:
             conn.abort(SHUTDOWN)
         self.handlers.join(timeout=2.0)
-        self.sweeper.stop()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         return len(left)

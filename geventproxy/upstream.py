@@ -80,16 +80,13 @@ def _connect(address: Address, timeout: float | None) -> Any:
 class Dialer:
     """Opens the upstream socket for each client, counting and logging what fails."""
 
-    def __init__(
-        self, target: Address, timeout: float, stats: Stats, send_buffer: int | None
-    ) -> None:
+    def __init__(self, target: Address, timeout: float, stats: Stats) -> None:
         self.target = target
         self.timeout = timeout or None
         self.stats = stats
-        self.send_buffer = send_buffer
         self._log = RateLimit(1.0)
 
-    def dial(self, conn_id: int, peer: str) -> socket.socket | None:
+    def dial(self, conn_id: int, peer: str, send_buffer: int | None = None) -> socket.socket | None:
         """The upstream socket, or None (counted and logged) if the upstream failed.
 
         Raises OutOfDescriptors when the failure is this process's own.
@@ -102,7 +99,7 @@ class Dialer:
                 raise OutOfDescriptors(exc) from None
             self._failed(exc, conn_id, peer)
             return None
-        return plain_socket(sock, self.send_buffer)
+        return plain_socket(sock, send_buffer)
 
     def _failed(self, exc: OSError, conn_id: int, peer: str) -> None:
         timed_out = isinstance(exc, TimeoutError)
