@@ -52,31 +52,23 @@ def make_listener(address: Address, backlog: int = 1024) -> socket.socket:
             address.host, address.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
         )
         family, _, _, _, sockaddr = infos[0]
-        candidates = [(family, sockaddr)]
-    else:
-        candidates = [(socket.AF_INET6, ("::", address.port)), (socket.AF_INET, ("", address.port))]
-    error: OSError | None = None
-    for family, sockaddr in candidates:
+        # create_server makes an IPv6 socket IPv6-only unless asked not to, and an
+        # IPv6-only socket cannot bind an IPv4-mapped address such as [::ffff:127.0.0.1].
+        mapped = family == socket.AF_INET6 and socket.has_dualstack_ipv6()
+        sock = socket.create_server(sockaddr, family=family, backlog=backlog, dualstack_ipv6=mapped)
+    elif socket.has_dualstack_ipv6():
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # no IPv6 on this host
-            error = exc
-            continue
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and not address.host:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
-            sock.setblocking(False)
-            return sock
+            sock = socket.create_server(
+                ("", address.port), family=socket.AF_INET6, backlog=backlog, dualstack_ipv6=True
+            )
         except OSError as exc:
-            sock.close()
             if exc.errno not in _NO_IPV6_ERRNOS:
                 raise  # a port in use stays an error: never fall back to IPv4 alone
-            error = exc
-    assert error is not None
-    raise error
+            sock = socket.create_server(("", address.port), backlog=backlog)
+    else:
+        sock = socket.create_server(("", address.port), backlog=backlog)
+    sock.setblocking(False)
+    return sock
 
 
 def open_listener(address: Address, flag: str = "-listen") -> socket.socket | None:
