@@ -23,7 +23,7 @@ from gevent.server import StreamServer
 
 from .config import Address, Config, format_address
 from .connection import Connection
-from .logs import LOGGER, RateLimit, escape
+from .logs import RateLimit, escape, event
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT
 from .stats import ERROR, SHUTDOWN, STRICT_VIOLATION, UPSTREAM_UNAVAILABLE, Stats
 from .sweeper import Sweeper
@@ -31,7 +31,6 @@ from .upstream import RESOURCE_ERRNOS, Dialer, OutOfDescriptors, plain_socket
 
 __all__ = ["ProxyServer", "format_address", "make_listener", "open_listener"]
 
-log = logging.getLogger(LOGGER)
 
 # accept() failures caused by the one client that gave up: ignore.
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
@@ -79,9 +78,11 @@ def open_listener(address: Address, flag: str = "-listen") -> socket.socket | No
     try:
         return make_listener(address)
     except OSError as exc:
-        log.error(
+        event(
+            logging.ERROR,
             f"cannot listen on the {flag} address",
-            extra={"fields": {"address": str(address), "error": exc.strerror or str(exc)}},
+            address=str(address),
+            error=exc.strerror or str(exc),
         )
         return None
 
@@ -142,15 +143,12 @@ class ProxyServer(StreamServer):
         """Out of descriptors: stop watching the listener for a while instead of spinning."""
         suppressed = self._accept_log.allow()
         if suppressed is not None:
-            log.error(
+            event(
+                logging.ERROR,
                 f"{what}, pausing",
-                extra={
-                    "fields": {
-                        "error": exc.strerror,
-                        "retry_s": self._accept_retry,
-                        "suppressed": suppressed,
-                    }
-                },
+                error=exc.strerror,
+                retry_s=self._accept_retry,
+                suppressed=suppressed,
             )
         self.stop_accepting()
         if self._resume_timer is not None:
@@ -197,15 +195,12 @@ class ProxyServer(StreamServer):
         self.stats.incr("connections_refused")
         suppressed = self._refuse_log.allow()
         if suppressed is not None:
-            log.warning(
+            event(
+                logging.WARNING,
                 "connection refused: limit reached",
-                extra={
-                    "fields": {
-                        "peer": format_address(address),
-                        "max_connections": limit,
-                        "suppressed": suppressed,
-                    }
-                },
+                peer=format_address(address),
+                max_connections=limit,
+                suppressed=suppressed,
             )
 
     def _dial(self, conn: Connection) -> socket.socket | None:
@@ -229,43 +224,32 @@ class ProxyServer(StreamServer):
     def _relay(self, conn: Connection, client: socket.socket, upstream: socket.socket) -> None:
         config, stats, hub = self.config, self.stats, gevent.get_hub()
         if config.log_connections:
-            log.info(
-                "open",
-                extra={
-                    "fields": {"conn": conn.id, "peer": conn.peer, "upstream": str(config.forward)}
-                },
-            )
+            event(logging.INFO, "open", conn=conn.id, peer=conn.peer, upstream=str(config.forward))
         reason = conn.run(
             hub, client, upstream, stats, config.max_line, self.buffer_size, config.strict
         )
         conn.reason = reason  # counted by handle(), once the sockets are closed
         if reason == STRICT_VIOLATION:
-            log.warning(
+            event(
+                logging.WARNING,
                 "client broke strict mode",
-                extra={
-                    "fields": {
-                        "conn": conn.id,
-                        "peer": conn.peer,
-                        "line": escape(conn.tally.violation or b""),
-                    }
-                },
+                conn=conn.id,
+                peer=conn.peer,
+                line=escape(conn.tally.violation or b""),
             )
         if config.log_connections:
             t = conn.tally
-            log.info(
+            event(
+                logging.INFO,
                 "close",
-                extra={
-                    "fields": {
-                        "conn": conn.id,
-                        "peer": conn.peer,
-                        "reason": reason,
-                        "duration_s": round(time.monotonic() - conn.started, 3),
-                        "bytes_in": t.bytes[CLIENT_TO_UPSTREAM],
-                        "bytes_out": t.bytes[UPSTREAM_TO_CLIENT],
-                        "lines_in": t.lines[CLIENT_TO_UPSTREAM],
-                        "lines_out": t.lines[UPSTREAM_TO_CLIENT],
-                    }
-                },
+                conn=conn.id,
+                peer=conn.peer,
+                reason=reason,
+                duration_s=round(time.monotonic() - conn.started, 3),
+                bytes_in=t.bytes[CLIENT_TO_UPSTREAM],
+                bytes_out=t.bytes[UPSTREAM_TO_CLIENT],
+                lines_in=t.lines[CLIENT_TO_UPSTREAM],
+                lines_out=t.lines[UPSTREAM_TO_CLIENT],
             )
 
     # -- start and stop --------------------------------------------------------

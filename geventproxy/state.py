@@ -32,7 +32,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from .logs import LOGGER
+from .logs import event
 from .stats import Block, new_baseline
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "write_atomically",
 ]
 
-log = logging.getLogger(LOGGER)
 
 FORMAT = "geventproxy-state"
 VERSION = 1
@@ -99,12 +98,14 @@ def load_baseline(path: str) -> Block | None:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        log.info("state file not found, totals start from zero", extra={"fields": {"path": path}})
+        event(logging.INFO, "state file not found, totals start from zero", path=path)
         return None
     except OSError as exc:
-        log.warning(
+        event(
+            logging.WARNING,
             "state file unreadable, ignored",
-            extra={"fields": {"path": path, "error": exc.strerror or str(exc)}},
+            path=path,
+            error=exc.strerror or str(exc),
         )
         return None
     try:
@@ -116,9 +117,9 @@ def load_baseline(path: str) -> Block | None:
             fields["kept_as"] = path + CORRUPT_SUFFIX
         except OSError as move:
             fields["not_kept"] = move.strerror or str(move)
-        log.warning("state file corrupt, ignored", extra={"fields": fields})
+        event(logging.WARNING, "state file corrupt, ignored", **fields)
         return None
-    log.info("state file loaded", extra={"fields": {"path": path}})
+    event(logging.INFO, "state file loaded", path=path)
     return baseline
 
 
@@ -198,14 +199,11 @@ class StateWriter:
             error = "timed out"
         if error is not None:
             if not self._failing:
-                log.error(
-                    "cannot write the state file",
-                    extra={"fields": {"path": self.path, "error": error}},
-                )
+                event(logging.ERROR, "cannot write the state file", path=self.path, error=error)
             self._failing = True
             return False
         if self._failing:
-            log.info("state file written again", extra={"fields": {"path": self.path}})
+            event(logging.INFO, "state file written again", path=self.path)
         self._failing = False
         return True
 

@@ -19,12 +19,11 @@ import gevent
 import gevent.socket
 
 from .config import Address
-from .logs import LOGGER, RateLimit
+from .logs import RateLimit, event
 from .stats import Stats
 
 __all__ = ["KEEPALIVE", "RESOURCE_ERRNOS", "OutOfDescriptors", "Dialer", "plain_socket"]
 
-log = logging.getLogger(LOGGER)
 
 #: Failures that mean "out of a resource" (accept or socket): back off, don't spin.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -106,15 +105,12 @@ class Dialer:
         self.stats.incr("upstream_connect_timeouts" if timed_out else "upstream_connect_failures")
         suppressed = self._log.allow()
         if suppressed is not None:
-            log.warning(
+            event(
+                logging.WARNING,
                 "upstream connect timed out" if timed_out else "upstream connect failed",
-                extra={
-                    "fields": {
-                        "conn": conn_id,
-                        "peer": peer,
-                        "upstream": str(self.target),
-                        "error": str(exc) or type(exc).__name__,
-                        "suppressed": suppressed,
-                    }
-                },
+                conn=conn_id,
+                peer=peer,
+                upstream=str(self.target),
+                error=str(exc) or type(exc).__name__,
+                suppressed=suppressed,
             )
