@@ -34,7 +34,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 from . import __version__
-from .config import Address
+from .config import Address, format_address
 from .history import History
 from .logs import LOGGER
 from .metrics import CONTENT_TYPE, render_prometheus
@@ -302,8 +302,7 @@ class AdminServer:
 
     @property
     def address(self) -> str:
-        host, port = self.http.address[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(self.http.address)
 
     def start(self) -> None:
         # The first check before the first request: a worker that starts serving (at

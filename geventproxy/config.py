@@ -22,6 +22,7 @@ __all__ = [
     "Address",
     "Config",
     "ConfigError",
+    "format_address",
     "ENV_PREFIX",
     "load",
     "load_with_file",
@@ -45,9 +46,20 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_address((self.host, self.port))
+
+
+def format_address(address: Any) -> str:
+    """A socket address as host:port, [v6]:port for IPv6, IPv4-mapped IPv6 as IPv4.
+
+    The one place an address is written out: flags, logs, the admin endpoint.
+    """
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on the dual-stack listener: print it as IPv4
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,40 +193,39 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "listen",
         _listen_address,
         "ADDR",
-        "address to accept clients on; ':8002' is every interface, IPv4 and IPv6 (default :8002)",
+        "address to accept clients on; ':8002' is every interface, IPv4 and IPv6",
     ),
     (
         "forward",
         _forward_address,
         "ADDR",
-        "the upstream Foo server; every address a name resolves to is tried in turn "
-        "(default localhost:8001)",
+        "the upstream Foo server; every address a name resolves to is tried in turn",
     ),
     (
         "max-connections",
         _count(0),
         "N",
         "clients served at once; past it a new client is accepted and closed at once, "
-        "and counted in connections_refused; 0 = no limit (default 10000)",
+        "and counted in connections_refused; 0 = no limit",
     ),
     (
         "connect-timeout",
         _seconds,
         "SECS",
-        "give up connecting to the upstream after this long (default 5s)",
+        "give up connecting to the upstream after this long",
     ),
     (
         "idle-timeout",
         _seconds,
         "SECS",
-        "close a connection with no byte in either direction for this long; 0 = never (default 0)",
+        "close a connection with no byte in either direction for this long; 0 = never",
     ),
     (
         "fin-timeout",
         _seconds,
         "SECS",
         "once the upstream has closed its side, close the connection after this long "
-        "without traffic (default 1s)",
+        "without traffic",
     ),
     (
         "client-fin-timeout",
@@ -222,89 +233,86 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
         "SECS",
         "once the client has closed its side, wait this long without an upstream byte "
         "for the replies it is still owed, then close (reason client_fin_timeout); "
-        "0 = wait for ever (default 5s)",
+        "0 = wait for ever",
     ),
     (
         "drain-timeout",
         _seconds,
         "SECS",
-        "on SIGTERM/SIGINT, how long open connections may go on before they are "
-        "closed (default 10s)",
+        "on SIGTERM/SIGINT, how long open connections may go on before they are closed",
     ),
     (
         "max-line",
         _count(2),
         "BYTES",
         "longest line (LF included) the parser holds; longer lines are counted "
-        "invalid and still forwarded (default 65536)",
+        "invalid and still forwarded",
     ),
     (
         "strict",
         _boolean,
         "BOOL",
         "disconnect a client whose line is not a well-formed REQ, before that line "
-        "reaches the upstream (default false)",
+        "reaches the upstream",
     ),
     (
         "log-level",
         _choice("debug", "info", "warning", "error"),
         "LEVEL",
-        "debug, info, warning or error (default info)",
+        "debug, info, warning or error",
     ),
-    ("log-format", _choice("text", "json"), "FMT", "text or json (default text)"),
+    ("log-format", _choice("text", "json"), "FMT", "text or json"),
     (
         "log-connections",
         _boolean,
         "BOOL",
-        "log each connection's open and close at info level (default true)",
+        "log each connection's open and close at info level",
     ),
     (
         "workers",
         _count(1),
         "N",
         "worker processes sharing the listening socket, under one parent that reports "
-        "their sums and replaces them on SIGHUP (default 1)",
+        "their sums and replaces them on SIGHUP",
     ),
     (
         "worker-timeout",
         _seconds,
         "SECS",
-        "a worker whose event loop has not run for this long is killed and replaced; "
-        "0 = never (default 30s)",
+        "a worker whose event loop has not run for this long is killed and replaced; 0 = never",
     ),
     (
         "admin",
         _admin_address,
         "ADDR",
         "serve the live page (/), /history, /metrics, /stats and /healthz over HTTP "
-        "on this address (default off)",
+        "on this address",
     ),
-    ("state-file", str, "PATH", "keep the totals here across restarts (default none)"),
+    ("state-file", str, "PATH", "keep the totals here across restarts"),
     (
         "state-interval",
         _seconds,
         "SECS",
-        "how often the state file is written while running (default 60s)",
+        "how often the state file is written while running",
     ),
     (
         "health-interval",
         _seconds,
         "SECS",
-        "how often /healthz re-checks that the upstream accepts connections (default 2s)",
+        "how often /healthz re-checks that the upstream accepts connections",
     ),
     (
         "report-interval",
         _report_interval,
         "SECS",
-        "also print the statistics line (as on USR1) every SECS; 0 = only on USR1 "
-        "and at exit (default 0)",
+        "also print the statistics line (as on USR1) every SECS; 0 = only on USR1 and at exit",
     ),
     (
         "env-file",
         str,
         "PATH",
         "read GEVENTPROXY_<FLAG>=VALUE lines from this file at start and again on every "
-        "SIGHUP; the file wins over the environment, a flag over both (default none)",
+        "SIGHUP; the file wins over the environment, a flag over both",
     ),
 )
 
@@ -365,6 +373,20 @@ def _wrap(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return typed
 
 
+def _shown_default(name: str) -> str:
+    """A flag's default for --help, from the Config field itself (never written twice)."""
+    value = getattr(Config(), name.replace("-", "_"))
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        return f"{value:g}s" if value >= 1 else f"{value * 1000:g}ms"
+    return str(value)
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog="geventproxy",
@@ -383,7 +405,7 @@ def _parser() -> _Parser:
         kwargs: dict[str, Any] = {
             "type": _wrap(name, parse),
             "metavar": metavar,
-            "help": text,
+            "help": f"{text} (default {_shown_default(name)})",
             "default": argparse.SUPPRESS,  # absent flags leave the environment's value alone
         }
         if parse is _boolean:

@@ -12,14 +12,11 @@ import errno
 import logging
 import resource
 import socket
-from typing import Any
 
 from .config import Address
-from .logs import LOGGER
+from .logs import event
 
-__all__ = ["format_address", "make_listener", "open_listener", "raise_fd_limit"]
-
-log = logging.getLogger(LOGGER)
+__all__ = ["make_listener", "open_listener", "raise_fd_limit"]
 
 # Binding "::" fails with these where the host has IPv6 switched off.
 _NO_IPV6_ERRNOS = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
@@ -36,31 +33,23 @@ def make_listener(address: Address, backlog: int = 1024) -> socket.socket:
             address.host, address.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
         )
         family, _, _, _, sockaddr = infos[0]
-        candidates = [(family, sockaddr)]
-    else:
-        candidates = [(socket.AF_INET6, ("::", address.port)), (socket.AF_INET, ("", address.port))]
-    error: OSError | None = None
-    for family, sockaddr in candidates:
+        # create_server makes an IPv6 socket IPv6-only unless asked not to, and an
+        # IPv6-only socket cannot bind an IPv4-mapped address such as [::ffff:127.0.0.1].
+        mapped = family == socket.AF_INET6 and socket.has_dualstack_ipv6()
+        sock = socket.create_server(sockaddr, family=family, backlog=backlog, dualstack_ipv6=mapped)
+    elif socket.has_dualstack_ipv6():
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # no IPv6 on this host
-            error = exc
-            continue
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and not address.host:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
-            sock.setblocking(False)
-            return sock
+            sock = socket.create_server(
+                ("", address.port), family=socket.AF_INET6, backlog=backlog, dualstack_ipv6=True
+            )
         except OSError as exc:
-            sock.close()
             if exc.errno not in _NO_IPV6_ERRNOS:
                 raise  # a port in use stays an error: never fall back to IPv4 alone
-            error = exc
-    assert error is not None
-    raise error
+            sock = socket.create_server(("", address.port), backlog=backlog)
+    else:
+        sock = socket.create_server(("", address.port), backlog=backlog)
+    sock.setblocking(False)
+    return sock
 
 
 def open_listener(address: Address, flag: str = "-listen") -> socket.socket | None:
@@ -71,21 +60,13 @@ def open_listener(address: Address, flag: str = "-listen") -> socket.socket | No
     try:
         return make_listener(address)
     except OSError as exc:
-        log.error(
+        event(
+            logging.ERROR,
             f"cannot listen on the {flag} address",
-            extra={"fields": {"address": str(address), "error": exc.strerror or str(exc)}},
+            address=str(address),
+            error=exc.strerror or str(exc),
         )
         return None
-
-
-def format_address(address: Any) -> str:
-    """A socket address as host:port, [v6]:port for IPv6, IPv4-mapped IPv6 as IPv4."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
-            host = host[7:]  # an IPv4 client on the dual-stack listener: print it as IPv4
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
 
 
 def raise_fd_limit() -> int:
@@ -99,7 +80,5 @@ def raise_fd_limit() -> int:
             now = target
         except (ValueError, OSError):
             pass
-    log.info(
-        "file descriptor limit", extra={"fields": {"soft_before": soft, "soft": now, "hard": hard}}
-    )
+    event(logging.INFO, "file descriptor limit", soft_before=soft, soft=now, hard=hard)
     return now

@@ -1,8 +1,9 @@
 """Logging to stderr, as text or one JSON object per line.
 
 stdout belongs to the statistics reports; nothing here writes to it.
-Structured fields are passed as ``extra={"fields": {...}}`` and rendered as
-``key=value`` pairs (text) or as keys of the JSON object; a field whose value
+Structured fields are passed with ``event(level, msg, **fields)`` (that is,
+``extra={"fields": {...}}``) and rendered as ``key=value`` pairs (text) or as
+keys of the JSON object; a field whose value
 is None is left out. Both formats carry the same fields, with the same
 timestamp (ISO-8601 UTC, milliseconds); JSON adds ``pid``. ``setup`` may add
 fields to every line of the process, such as a worker's number.
@@ -16,10 +17,17 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["escape", "setup", "RateLimit"]
+__all__ = ["escape", "event", "setup", "RateLimit"]
 
 LOGGER = "geventproxy"
 _EXCERPT = 64
+_log = logging.getLogger(LOGGER)
+
+
+def event(level: int, msg: str, **fields: Any) -> None:
+    """One log line of the project's logger: a message and its structured fields."""
+    if _log.isEnabledFor(level):
+        _log.log(level, msg, extra={"fields": fields}, stacklevel=2)
 
 
 def escape(data: bytes, limit: int = _EXCERPT) -> str:

@@ -31,10 +31,9 @@ from gevent.event import Event
 
 from . import __version__, process, signals
 from .admin import AdminServer, serve
-from .config import Config
+from .config import Config, format_address
 from .history import History
-from .listeners import format_address
-from .logs import setup
+from .logs import event, setup
 from .server import ProxyServer
 from .sharedstats import SharedStats
 from .stats import Stats, latency_histogram, set_pid, snapshot, worker_figures
@@ -63,7 +62,7 @@ def run(
     ``ready`` tells the parent this worker accepts. The admin endpoint, if
     this worker is handed its socket, sums every used block of ``shared``.
     """
-    log = setup(config.log_level, config.log_format, {"worker": worker})
+    setup(config.log_level, config.log_format, {"worker": worker})
     process.set_name(f"geventproxy w{worker}")
     stats = Stats(shared.blocks[block], mark_start=False)
     set_pid(stats.block, os.getpid())
@@ -77,16 +76,16 @@ def run(
     # The parent started this worker with these blocked; the handlers are in place now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDED_OVER)
     with contextlib.ExitStack() as stack:
-        stack.callback(log.info, "exit")
+        stack.callback(event, logging.INFO, "exit")
         server.start()
         admin = stack.enter_context(contextlib.ExitStack())
         if admin_listener is not None:
             admin.callback(_serve_admin(config, server, shared, admin_listener).stop)
         interval = min(HEARTBEAT_INTERVAL, config.worker_timeout / 4 or HEARTBEAT_INTERVAL)
         stack.enter_context(_background(_heartbeat, lambda: shared.beat(block), interval))
-        stack.enter_context(_background(_stop_when_orphaned, os.getppid(), stop, log))
-        stack.callback(_drain, server, config, force, log)
-        _log_serving(log, server, config)
+        stack.enter_context(_background(_stop_when_orphaned, os.getppid(), stop))
+        stack.callback(_drain, server, config, force)
+        _log_serving(server, config)
         ready()
         stop.wait()
         if retire.is_set():
@@ -144,45 +143,39 @@ def _heartbeat(beat: Callable[[], None], interval: float) -> None:
         gevent.sleep(interval)
 
 
-def _stop_when_orphaned(parent: int, stop: Event, log: logging.Logger) -> None:
+def _stop_when_orphaned(parent: int, stop: Event) -> None:
     """A worker whose parent died (SIGKILL, OOM killer) drains and exits on its own."""
     while os.getppid() == parent:
         gevent.sleep(PARENT_CHECK_INTERVAL)
-    log.warning("parent process gone, stopping", extra={"fields": {"parent": parent}})
+    event(logging.WARNING, "parent process gone, stopping", parent=parent)
     stop.set()
 
 
-def _log_serving(log: logging.Logger, server: ProxyServer, config: Config) -> None:
-    log.info(
+def _log_serving(server: ProxyServer, config: Config) -> None:
+    event(
+        logging.INFO,
         "serving",
-        extra={
-            "fields": {
-                "address": format_address(server.address),
-                "forward": str(config.forward),
-                "version": __version__,
-                "max_connections": config.max_connections,
-                "connect_timeout_s": config.connect_timeout,
-                "idle_timeout_s": config.idle_timeout,
-                "max_line": config.max_line,
-                "strict": config.strict,
-            }
-        },
+        address=format_address(server.address),
+        forward=str(config.forward),
+        version=__version__,
+        max_connections=config.max_connections,
+        connect_timeout_s=config.connect_timeout,
+        idle_timeout_s=config.idle_timeout,
+        max_line=config.max_line,
+        strict=config.strict,
     )
 
 
-def _drain(server: ProxyServer, config: Config, force: Event, log: logging.Logger) -> None:
+def _drain(server: ProxyServer, config: Config, force: Event) -> None:
     open_now = len(server.connections)
-    log.info(
-        "draining",
-        extra={"fields": {"connections": open_now, "drain_timeout_s": config.drain_timeout}},
-    )
+    event(logging.INFO, "draining", connections=open_now, drain_timeout_s=config.drain_timeout)
     drainer = gevent.spawn(server.drain, config.drain_timeout)
     gevent.wait([drainer, force], count=1)
     if not drainer.ready():
-        log.warning("second signal: closing every connection now")
+        event(logging.WARNING, "second signal: closing every connection now")
         drainer.kill()
         closed = server.abort_all()
     else:
         closed = drainer.value or 0
     if closed:
-        log.warning("closed connections at shutdown", extra={"fields": {"connections": closed}})
+        event(logging.WARNING, "closed connections at shutdown", connections=closed)

@@ -21,10 +21,10 @@ import gevent.socket
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from .config import Config
+from .config import Config, format_address
 from .connection import Connection
-from .listeners import format_address, make_listener, open_listener
-from .logs import LOGGER, RateLimit, escape
+from .listeners import make_listener, open_listener
+from .logs import RateLimit, escape, event
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT
 from .stats import ERROR, SHUTDOWN, STRICT_VIOLATION, UPSTREAM_UNAVAILABLE, Stats
 from .sweeper import Sweeper
@@ -32,7 +32,6 @@ from .upstream import RESOURCE_ERRNOS, Dialer, OutOfDescriptors, plain_socket
 
 __all__ = ["ProxyServer", "format_address", "make_listener", "open_listener"]
 
-log = logging.getLogger(LOGGER)
 
 # accept() failures caused by the one client that gave up: ignore.
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
@@ -72,14 +71,8 @@ class ProxyServer(StreamServer):
         self._resume_timer: Any = None  # at most one pending resume of accepting
         self._accept_log = RateLimit(5.0)
         self._refuse_log = RateLimit(5.0)
-        self.dialer = Dialer(config.forward, config.connect_timeout, stats, self.send_buffer)
-        self.sweeper = Sweeper(
-            self.connections,
-            config,
-            self.park_after,
-            self.sweep_interval,
-            finished=lambda: self.closed and not self.connections,
-        )
+        self.dialer = Dialer(config.forward, config.connect_timeout, stats)
+        self.sweeper: Sweeper | None = None  # made at start(), from the tunables as set then
 
     # -- accepting -----------------------------------------------------------
 
@@ -100,15 +93,12 @@ class ProxyServer(StreamServer):
         """Out of descriptors: stop watching the listener for a while instead of spinning."""
         suppressed = self._accept_log.allow()
         if suppressed is not None:
-            log.error(
+            event(
+                logging.ERROR,
                 f"{what}, pausing",
-                extra={
-                    "fields": {
-                        "error": exc.strerror,
-                        "retry_s": self._accept_retry,
-                        "suppressed": suppressed,
-                    }
-                },
+                error=exc.strerror,
+                retry_s=self._accept_retry,
+                suppressed=suppressed,
             )
         self.stop_accepting()
         if self._resume_timer is not None:
@@ -155,20 +145,17 @@ class ProxyServer(StreamServer):
         self.stats.incr("connections_refused")
         suppressed = self._refuse_log.allow()
         if suppressed is not None:
-            log.warning(
+            event(
+                logging.WARNING,
                 "connection refused: limit reached",
-                extra={
-                    "fields": {
-                        "peer": format_address(address),
-                        "max_connections": limit,
-                        "suppressed": suppressed,
-                    }
-                },
+                peer=format_address(address),
+                max_connections=limit,
+                suppressed=suppressed,
             )
 
     def _dial(self, conn: Connection) -> socket.socket | None:
         try:
-            sock = self.dialer.dial(conn.id, conn.peer)
+            sock = self.dialer.dial(conn.id, conn.peer, self.send_buffer)
         except OutOfDescriptors as exc:
             # The proxy's own shortage: count it with the accept failures and stop
             # taking clients (which would only be closed in turn) for a while.
@@ -187,43 +174,32 @@ class ProxyServer(StreamServer):
     def _relay(self, conn: Connection, client: socket.socket, upstream: socket.socket) -> None:
         config, stats, hub = self.config, self.stats, gevent.get_hub()
         if config.log_connections:
-            log.info(
-                "open",
-                extra={
-                    "fields": {"conn": conn.id, "peer": conn.peer, "upstream": str(config.forward)}
-                },
-            )
+            event(logging.INFO, "open", conn=conn.id, peer=conn.peer, upstream=str(config.forward))
         reason = conn.run(
             hub, client, upstream, stats, config.max_line, self.buffer_size, config.strict
         )
         conn.reason = reason  # counted by handle(), once the sockets are closed
         if reason == STRICT_VIOLATION:
-            log.warning(
+            event(
+                logging.WARNING,
                 "client broke strict mode",
-                extra={
-                    "fields": {
-                        "conn": conn.id,
-                        "peer": conn.peer,
-                        "line": escape(conn.tally.violation or b""),
-                    }
-                },
+                conn=conn.id,
+                peer=conn.peer,
+                line=escape(conn.tally.violation or b""),
             )
         if config.log_connections:
             t = conn.tally
-            log.info(
+            event(
+                logging.INFO,
                 "close",
-                extra={
-                    "fields": {
-                        "conn": conn.id,
-                        "peer": conn.peer,
-                        "reason": reason,
-                        "duration_s": round(time.monotonic() - conn.started, 3),
-                        "bytes_in": t.bytes[CLIENT_TO_UPSTREAM],
-                        "bytes_out": t.bytes[UPSTREAM_TO_CLIENT],
-                        "lines_in": t.lines[CLIENT_TO_UPSTREAM],
-                        "lines_out": t.lines[UPSTREAM_TO_CLIENT],
-                    }
-                },
+                conn=conn.id,
+                peer=conn.peer,
+                reason=reason,
+                duration_s=round(time.monotonic() - conn.started, 3),
+                bytes_in=t.bytes[CLIENT_TO_UPSTREAM],
+                bytes_out=t.bytes[UPSTREAM_TO_CLIENT],
+                lines_in=t.lines[CLIENT_TO_UPSTREAM],
+                lines_out=t.lines[UPSTREAM_TO_CLIENT],
             )
 
     # -- start and stop --------------------------------------------------------
@@ -233,6 +209,14 @@ class ProxyServer(StreamServer):
         # exhaustion that import itself fails (EMFILE opening its source file).
         gevent.get_hub().resolver  # noqa: B018
         super().start()
+        if self.sweeper is None:
+            self.sweeper = Sweeper(
+                self.connections,
+                self.config,
+                self.park_after,
+                self.sweep_interval,
+                finished=lambda: self.closed and not self.connections,
+            )
         self.sweeper.start()
 
     def close(self) -> None:
@@ -264,5 +248,6 @@ class ProxyServer(StreamServer):
         for conn in left:
             conn.abort(SHUTDOWN)
         self.handlers.join(timeout=2.0)
-        self.sweeper.stop()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         return len(left)

@@ -28,8 +28,8 @@ import tempfile
 import time
 from typing import Any
 
-from .logs import LOGGER
-from .stats import new_baseline
+from .logs import event
+from .stats import Block, new_baseline
 
 __all__ = [
     "FORMAT",
@@ -42,7 +42,6 @@ __all__ = [
     "write_atomically",
 ]
 
-log = logging.getLogger(LOGGER)
 
 FORMAT = "geventproxy-state"
 VERSION = 1
@@ -89,18 +88,20 @@ def decode(data: bytes) -> dict[str, Any]:
     return totals
 
 
-def load_baseline(path: str) -> memoryview | None:
+def load_baseline(path: str) -> Block | None:
     """The saved totals as a baseline block, or None (logged once) if there are none."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        log.info("state file not found, totals start from zero", extra={"fields": {"path": path}})
+        event(logging.INFO, "state file not found, totals start from zero", path=path)
         return None
     except OSError as exc:
-        log.warning(
+        event(
+            logging.WARNING,
             "state file unreadable, ignored",
-            extra={"fields": {"path": path, "error": exc.strerror or str(exc)}},
+            path=path,
+            error=exc.strerror or str(exc),
         )
         return None
     try:
@@ -112,9 +113,9 @@ def load_baseline(path: str) -> memoryview | None:
             fields["kept_as"] = path + CORRUPT_SUFFIX
         except OSError as move:
             fields["not_kept"] = move.strerror or str(move)
-        log.warning("state file corrupt, ignored", extra={"fields": fields})
+        event(logging.WARNING, "state file corrupt, ignored", **fields)
         return None
-    log.info("state file loaded", extra={"fields": {"path": path}})
+    event(logging.INFO, "state file loaded", path=path)
     return baseline
 
 
@@ -161,13 +162,11 @@ class StateFile:
             write_atomically(self.path, encode(totals))
         except OSError as exc:
             if not self._failing:
-                log.error(
-                    "cannot write the state file",
-                    extra={"fields": {"path": self.path, "error": exc.strerror or str(exc)}},
-                )
+                error = exc.strerror or str(exc)
+                event(logging.ERROR, "cannot write the state file", path=self.path, error=error)
             self._failing = True
             return False
         if self._failing:
-            log.info("state file written again", extra={"fields": {"path": self.path}})
+            event(logging.INFO, "state file written again", path=self.path)
         self._failing = False
         return True

@@ -19,12 +19,11 @@ import gevent
 import gevent.socket
 
 from .config import Address
-from .logs import LOGGER, RateLimit
+from .logs import RateLimit, event
 from .stats import Stats
 
 __all__ = ["KEEPALIVE", "RESOURCE_ERRNOS", "OutOfDescriptors", "Dialer", "plain_socket"]
 
-log = logging.getLogger(LOGGER)
 
 #: Failures that mean "out of a resource" (accept or socket): back off, don't spin.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -80,16 +79,13 @@ def _connect(address: Address, timeout: float | None) -> Any:
 class Dialer:
     """Opens the upstream socket for each client, counting and logging what fails."""
 
-    def __init__(
-        self, target: Address, timeout: float, stats: Stats, send_buffer: int | None
-    ) -> None:
+    def __init__(self, target: Address, timeout: float, stats: Stats) -> None:
         self.target = target
         self.timeout = timeout or None
         self.stats = stats
-        self.send_buffer = send_buffer
         self._log = RateLimit(1.0)
 
-    def dial(self, conn_id: int, peer: str) -> socket.socket | None:
+    def dial(self, conn_id: int, peer: str, send_buffer: int | None = None) -> socket.socket | None:
         """The upstream socket, or None (counted and logged) if the upstream failed.
 
         Raises OutOfDescriptors when the failure is this process's own.
@@ -102,22 +98,19 @@ class Dialer:
                 raise OutOfDescriptors(exc) from None
             self._failed(exc, conn_id, peer)
             return None
-        return plain_socket(sock, self.send_buffer)
+        return plain_socket(sock, send_buffer)
 
     def _failed(self, exc: OSError, conn_id: int, peer: str) -> None:
         timed_out = isinstance(exc, TimeoutError)
         self.stats.incr("upstream_connect_timeouts" if timed_out else "upstream_connect_failures")
         suppressed = self._log.allow()
         if suppressed is not None:
-            log.warning(
+            event(
+                logging.WARNING,
                 "upstream connect timed out" if timed_out else "upstream connect failed",
-                extra={
-                    "fields": {
-                        "conn": conn_id,
-                        "peer": peer,
-                        "upstream": str(self.target),
-                        "error": str(exc) or type(exc).__name__,
-                        "suppressed": suppressed,
-                    }
-                },
+                conn=conn_id,
+                peer=peer,
+                upstream=str(self.target),
+                error=str(exc) or type(exc).__name__,
+                suppressed=suppressed,
             )

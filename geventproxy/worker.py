@@ -32,7 +32,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .config import ConfigError, load  # noqa: E402
-from .logs import LOGGER, setup  # noqa: E402
+from .logs import LOGGER, event, setup  # noqa: E402
 from .sharedstats import IncompatibleLayout, SharedStats  # noqa: E402
 
 __all__ = ["HANDOFF", "main"]
@@ -64,11 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"geventproxy worker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    log = setup(config.log_level, config.log_format, {"worker": handoff["worker"]})
+    setup(config.log_level, config.log_format, {"worker": handoff["worker"]})
     try:
         shared = SharedStats.attach(handoff["stats-fd"])
     except IncompatibleLayout as exc:
-        log.error("worker cannot start", extra={"fields": {"error": str(exc)}})
+        event(logging.ERROR, "worker cannot start", error=str(exc))
         return EXIT_INCOMPATIBLE
     from .runner import run  # imports gevent: only once the worker is sure to run
 

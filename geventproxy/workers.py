@@ -39,10 +39,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .config import Config, ConfigError, load_with_file
+from .config import Config, ConfigError, format_address, load_with_file
 from .history import History, Sampler
-from .listeners import format_address, open_listener, raise_fd_limit
-from .logs import LOGGER, setup
+from .listeners import open_listener, raise_fd_limit
+from .logs import event, setup
 from .report import render, write_line
 from .sharedstats import SharedStats
 from .state import StateFile, load_baseline
@@ -50,8 +50,6 @@ from .stats import persistent_totals, snapshot
 from .workerset import Generation, Worker, WorkerSet
 
 __all__ = ["read_settings", "supervise"]
-
-log = logging.getLogger(LOGGER)
 
 #: The longest the loop sleeps: how often heartbeats and deadlines are looked at.
 TICK = 1.0
@@ -93,9 +91,9 @@ def _coalesce(signals: list[int]) -> list[int]:
     return kept
 
 
-def _fields(worker: Worker, **more: object) -> dict:
-    fields = {"worker": worker.slot, "pid": worker.pid, "generation": worker.generation.number}
-    return {"fields": {**fields, **more}}
+def _fields(worker: Worker) -> dict:
+    """What every line about a worker says of it."""
+    return {"worker": worker.slot, "pid": worker.pid, "generation": worker.generation.number}
 
 
 class Supervisor:
@@ -167,7 +165,7 @@ class Supervisor:
                 self.restarts.start(self.generation, slot)
             while self.workers or not self.stopping:
                 self._turn()
-        log.info("exit", extra={"fields": {"status": self.status}})
+        event(logging.INFO, "exit", status=self.status)
         return self.status
 
     def _share(self, config: Config) -> None:
@@ -239,13 +237,13 @@ class Supervisor:
 
     def handle_hup(self) -> None:
         if self.stopping:
-            log.warning("reload ignored: stopping")
+            event(logging.WARNING, "reload ignored: stopping")
         else:
             self.reloads.wanted = True
 
     def handle_term(self) -> None:
         if self.stopping:
-            log.warning("second signal: workers close every connection now")
+            event(logging.WARNING, "second signal: workers close every connection now")
             self.workers.send(list(self.workers), signal.SIGTERM)
             return
         self.stopping = True
@@ -256,14 +254,14 @@ class Supervisor:
         for worker in serving:
             worker.kill_at = time.monotonic() + drain + STOP_GRACE
         fields = {"workers": len(serving), "drain_timeout_s": drain}
-        log.info("stopping workers", extra={"fields": fields})
+        event(logging.INFO, "stopping workers", **fields)
         self.workers.send(serving, signal.SIGTERM)
 
     def report(self) -> None:
         line = render(snapshot(self.shared.used(), time.monotonic_ns()))
         # Never block the parent on a stdout nobody reads: it must keep answering TERM.
         if not write_line(sys.stdout.fileno(), line, REPORT_TIMEOUT):
-            log.warning("statistics line dropped: stdout is not being read")
+            event(logging.WARNING, "statistics line dropped: stdout is not being read")
 
     def save_state(self) -> None:
         if self.state is not None:
@@ -286,10 +284,10 @@ class Restarts:
         try:
             worker = self.parent.workers.start(generation, slot, BOOT_TIMEOUT)
         except OSError as exc:
-            log.error("cannot start a worker", extra={"fields": {"worker": slot, "error": exc}})
+            event(logging.ERROR, "cannot start a worker", worker=slot, error=exc)
             self.failed_start(generation, slot, None)
             return None
-        log.info("worker started", extra=_fields(worker))
+        event(logging.INFO, "worker started", **_fields(worker))
         return worker
 
     def tick(self, now: float) -> None:
@@ -300,15 +298,15 @@ class Restarts:
                 self.start(self.parent.generation, slot)
         for worker in workers.hung():
             timeout = worker.generation.config.worker_timeout
-            log.error("worker hung, killing it", extra=_fields(worker, timeout_s=timeout))
+            event(logging.ERROR, "worker hung, killing it", **_fields(worker), timeout_s=timeout)
             workers.kill([worker])
         for worker in workers.overdue(now):
             what = "did not stop in time" if worker.ready else "did not start in time"
-            log.error(f"worker {what}, killing it", extra=_fields(worker))
+            event(logging.ERROR, f"worker {what}, killing it", **_fields(worker))
             workers.kill([worker])
 
     def on_ready(self, worker: Worker, version: str) -> None:
-        log.info("worker ready", extra=_fields(worker, version=version))
+        event(logging.INFO, "worker ready", **_fields(worker), version=version)
         serving = self.parent.generation
         if worker.generation is not serving:
             return
@@ -321,16 +319,16 @@ class Restarts:
                 "workers": serving.config.workers,
                 "version": version,
             }
-            log.info("listening", extra={"fields": fields})
+            event(logging.INFO, "listening", **fields)
 
     def on_exit(self, worker: Worker, status: int) -> None:
         parent = self.parent
         if parent.stopping or worker.retiring:
-            log.info("worker exited", extra=_fields(worker, status=status))
+            event(logging.INFO, "worker exited", **_fields(worker), status=status)
         elif parent.reloads.on_exit(worker, status):
             pass  # a new worker of a reload: the reload failed
         elif worker.ready:
-            log.error("worker died, restarting", extra=_fields(worker, status=status))
+            event(logging.ERROR, "worker died, restarting", **_fields(worker), status=status)
             self.start(parent.generation, worker.slot)
         else:
             self.failed_start(worker.generation, worker.slot, status)
@@ -343,10 +341,10 @@ class Restarts:
         self.failures[slot] = failures = self.failures.get(slot, 0) + 1
         fields = {"worker": slot, "status": status, "attempts": failures}
         if failures < BOOT_ATTEMPTS:
-            log.error("worker failed to start, trying again", extra={"fields": fields})
+            event(logging.ERROR, "worker failed to start, trying again", **fields)
             self.respawn_at[slot] = time.monotonic() + RESPAWN_DELAY
             return
-        log.error("worker fails at every start, stopping", extra={"fields": fields})
+        event(logging.ERROR, "worker fails at every start, stopping", **fields)
         parent.status = EXIT_BOOT_FAILED
         parent.handle_term()
 
@@ -383,22 +381,22 @@ class Reloads:
             config, env = read_settings(parent.flags, os.environ)
         except ConfigError as exc:
             self.wanted = False
-            log.error("reload failed, the running workers carry on", extra=_error(exc))
+            event(logging.ERROR, "reload failed, the running workers carry on", error=str(exc))
             return
         reason = self._needs_restart(config)
         if reason:
             self.wanted = False
-            log.error("reload refused, the running workers carry on", extra=_error(reason))
+            event(logging.ERROR, "reload refused, the running workers carry on", error=reason)
             return
         if parent.workers.free_blocks() < config.workers:
             if not self._waiting_logged:
-                log.warning("reload waits for draining workers to exit")
+                event(logging.WARNING, "reload waits for draining workers to exit")
             self._waiting_logged = True
             return
         self.wanted = self._waiting_logged = False
         self.numbered += 1
         self.pending = Generation(self.numbered, config, env)
-        log.info("reloading", extra={"fields": {"generation": self.pending.number}})
+        event(logging.INFO, "reloading", generation=self.pending.number)
         for slot in range(config.workers):
             if parent.restarts.start(self.pending, slot) is None:
                 break
@@ -430,17 +428,8 @@ class Reloads:
         self.parent.shared.set_serving(new.number)
         config = new.config
         setup(config.log_level, config.log_format)
-        log.info(
-            "reloaded",
-            extra={
-                "fields": {
-                    "generation": new.number,
-                    "workers": config.workers,
-                    "version": version,
-                    "retiring": len(old),
-                }
-            },
-        )
+        fields = {"workers": config.workers, "version": version, "retiring": len(old)}
+        event(logging.INFO, "reloaded", generation=new.number, **fields)
 
     def on_exit(self, worker: Worker, status: int) -> bool:
         """Whether the exit was a new worker's before it was ready (the reload then fails)."""
@@ -453,10 +442,12 @@ class Reloads:
         if generation is not self.pending:
             return False
         self.pending = None
-        fields = {"generation": generation.number, "worker": slot, "status": status}
-        log.error(
+        event(
+            logging.ERROR,
             "reload failed: a new worker did not start, the running workers carry on",
-            extra={"fields": fields},
+            generation=generation.number,
+            worker=slot,
+            status=status,
         )
         self.retire(self.parent.workers.of(generation))
         return True
@@ -467,10 +458,6 @@ class Reloads:
             worker.retiring = True
             worker.kill_at = deadline + worker.generation.config.drain_timeout
         self.parent.workers.send(workers, signal.SIGUSR2)
-
-
-def _error(error: object) -> dict:
-    return {"fields": {"error": str(error)}}
 
 
 def supervise(config: Config, env: dict[str, str], flags: Sequence[str]) -> int:

@@ -359,6 +359,28 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
+def in_process_proxy(upstream_port: int, send_buffer: int | None = None) -> Any:
+    """A started ProxyServer on this process's gevent hub, and its Stats.
+
+    For tests that must reach inside the relay (socket buffers, the sweeper);
+    everything else runs the proxy as a subprocess. Stop it with abort_all().
+    """
+    from geventproxy.config import Address, Config
+    from geventproxy.server import ProxyServer, make_listener
+    from geventproxy.stats import Stats
+
+    config = Config(
+        listen=Address("127.0.0.1", 0),
+        forward=Address("127.0.0.1", upstream_port),
+        log_connections=False,
+    )
+    stats = Stats()
+    server = ProxyServer(make_listener(config.listen), config, stats)
+    server.send_buffer = send_buffer
+    server.start()
+    return server, stats
+
+
 # --- the admin endpoint -------------------------------------------------------------------
 
 
@@ -406,11 +428,7 @@ def proxy_listening(p: Proxy, timeout: float = STARTUP_TIMEOUT) -> Proxy:
 def wait_exit(p: Proxy, timeout: float = IO_TIMEOUT) -> int:
     """Wait for the proxy to exit and for its stdout to be read to the end; its exit status."""
     code = p.proc.wait(timeout)
-    seen, still_since = -1, time.monotonic()
-    while time.monotonic() - still_since < 0.1:
-        if len(p.stdout_lines) != seen:
-            seen, still_since = len(p.stdout_lines), time.monotonic()
-        time.sleep(0.01)
+    p.drain_output()
     return code
 
 

@@ -51,9 +51,11 @@ class Launched:
         self.port = 0
         self._ready: queue.Queue[int] = queue.Queue()
         self._pattern = ready
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read_stderr, daemon=True)]
         if proc.stdout is not None:
-            threading.Thread(target=self._read_stdout, daemon=True).start()
+            self._readers.append(threading.Thread(target=self._read_stdout, daemon=True))
+        for reader in self._readers:
+            reader.start()
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -112,7 +114,13 @@ class Launched:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        self.drain_output()
         return self.proc.returncode
+
+    def drain_output(self, timeout: float = 5.0) -> None:
+        """After the exit: wait until everything it wrote has been read into the lists."""
+        for reader in self._readers:
+            reader.join(timeout)
 
 
 def _spawn(

@@ -31,6 +31,7 @@ import gevent
 from gevent import socket
 from gevent.server import StreamServer
 
+from geventproxy.config import format_address
 from geventproxy.testing.protocol import (
     ERRDECODE_REPLY,
     MAX_LINE,
@@ -76,7 +77,7 @@ class FooServer(StreamServer):
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         """Serve one connection; after the client's EOF leave the socket open."""
-        peer = _format_address(address)
+        peer = format_address(address)
         log.debug("connection from %s", peer)
         keep = False
         try:
@@ -145,13 +146,6 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
-
-
-def _format_address(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
 
 
 def make_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -244,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gevent.signal_handler(signum, _stop, signum) for signum in (signal.SIGTERM, signal.SIGINT)
     ]
     server.start()
-    print(f"listening on {_format_address(listener.getsockname())}", file=sys.stderr, flush=True)
+    print(f"listening on {format_address(listener.getsockname())}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

@@ -184,6 +184,8 @@ def test_unreachable_upstream_closes_client_promptly(target: str) -> None:
         assert report["connections_closed"]["upstream_unavailable"] == 3
         assert sum(report["connections_closed"].values()) == 3
         assert p.proc.poll() is None
+        # stderr is read by a thread of its own: the line may come after the report.
+        p.wait_log("upstream connect failed")
         failures = [line for line in p.stderr_lines if "upstream connect failed" in line]
         assert len(failures) == 1, p.log()
         assert forward in failures[0]

@@ -197,6 +197,7 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
             # condition, counted and logged as such, not blamed on the upstream.
             assert report["upstream_connect_failures"] == 0
             assert "upstream connect failed" not in p.log()
+            p.wait_log("pausing")  # stderr is read by a thread of its own
             pauses = [line for line in p.stderr_lines if "pausing" in line]
             assert 1 <= len(pauses) <= 2, p.log()
             assert "Too many open files" in pauses[0]

@@ -11,9 +11,8 @@ import gevent
 import gevent.socket
 from gevent.server import StreamServer
 
-from geventproxy.config import Address, Config
-from geventproxy.server import ProxyServer, make_listener
-from geventproxy.stats import Stats, snapshot
+from geventproxy.stats import snapshot
+from tests.helpers import in_process_proxy
 
 N = 20_000
 
@@ -43,15 +42,7 @@ def test_latency_stays_matched_when_sends_are_partial() -> None:
     listener.listen(16)
     upstream = StreamServer(listener, _upstream)
     upstream.start()
-    config = Config(
-        listen=Address("127.0.0.1", 0),
-        forward=Address("127.0.0.1", upstream.server_port),
-        log_connections=False,
-    )
-    stats = Stats()
-    server = ProxyServer(make_listener(config.listen), config, stats)
-    server.send_buffer = 4096
-    server.start()
+    server, stats = in_process_proxy(upstream.server_port, send_buffer=4096)
     try:
         client = gevent.socket.create_connection(("127.0.0.1", server.address[1]), timeout=30)
         payload = b"".join(b"REQ %d abcdefghij\n" % seq for seq in range(1, N + 1))

@@ -14,11 +14,11 @@ import gevent.socket
 import pytest
 
 from geventproxy import server as server_module
-from geventproxy.config import Address, Config
-from geventproxy.server import ProxyServer, make_listener
+from geventproxy.server import ProxyServer
 from geventproxy.stats import Stats, snapshot
 from geventproxy.testing.protocol import reply_for
 from geventproxy.testing.server import FooServer
+from tests.helpers import in_process_proxy
 
 
 @pytest.fixture
@@ -30,15 +30,7 @@ def upstream() -> Iterator[FooServer]:
 
 
 def _proxy(upstream: FooServer) -> tuple[ProxyServer, Stats]:
-    config = Config(
-        listen=Address("127.0.0.1", 0),
-        forward=Address("127.0.0.1", upstream.server_port),
-        log_connections=False,
-    )
-    stats = Stats()
-    proxy = ProxyServer(make_listener(config.listen), config, stats)
-    proxy.start()
-    return proxy, stats
+    return in_process_proxy(upstream.server_port)
 
 
 def _report(stats: Stats) -> dict:
