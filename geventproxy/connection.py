@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import Event
 
-from .codec import LineScanner, StrictFilter
-from .latency import RequestTimer
+from .accel import new_meter, new_timer
+from .codec import StrictFilter
 from .relay import CLIENT_TO_UPSTREAM, PARKED, UPSTREAM_TO_CLIENT, Direction, Park, Tally, relay
 
 if TYPE_CHECKING:
@@ -86,12 +86,13 @@ class Connection:
         self.seen_at = time.monotonic()  # idle time counts from here, not from the accept
         if self.reason is not None:  # aborted while dialling (the drain deadline)
             self.abort(self.reason)
-        timer = RequestTimer(stats)
-        scanner = StrictFilter(max_line) if strict else LineScanner(max_line)
-        up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
-        down = Direction(
-            hub, UPSTREAM_TO_CLIENT, upstream, client, LineScanner(max_line), timer.answered
+        timer = new_timer(stats)
+        scanner = (
+            StrictFilter(max_line) if strict else new_meter(CLIENT_TO_UPSTREAM, max_line, timer)
         )
+        up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
+        meter = new_meter(UPSTREAM_TO_CLIENT, max_line, timer)
+        down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter, timer.answered)
         self._up = up
         done = Event()
 

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from greenlet import getcurrent
 
-from .codec import Counts, LineScanner, StrictFilter
+from .codec import Counts, StrictFilter
 
 if TYPE_CHECKING:
     from gevent.hub import Hub
 
+    from .meter import Meter
     from .stats import Stats
 
 __all__ = [
@@ -83,7 +84,7 @@ class Direction:
         index: int,
         src: socket.socket,
         dst: socket.socket,
-        scanner: LineScanner | StrictFilter,
+        scanner: Meter | StrictFilter,
         on_messages: Callable[[int, Counts], None],
     ) -> None:
         self.index = index
@@ -119,9 +120,7 @@ def relay(
                 d.dst,
                 readable,
                 d.writable,
-                d.scanner.feed,
-                d.on_messages,
-                stats,
+                d.scanner.account,
                 tally,
                 bufsize,
             )
@@ -167,9 +166,7 @@ def _copy(
     dst: socket.socket,
     readable: Any,
     writable: Any,
-    feed: Callable[[bytes], Counts],
-    on_messages: Callable[[int, Counts], None],
-    stats: Stats,
+    account: Callable[[bytes], int],
     tally: Tally,
     bufsize: int,
 ) -> str:
@@ -182,7 +179,6 @@ def _copy(
     wait_readable = hub.switch  # returns when ``readable`` fires (see relay())
     recv = src.recv
     send = dst.send
-    record = stats.record
     moved = tally.bytes
     messages = tally.messages
     while True:
@@ -206,16 +202,15 @@ def _copy(
             sent = 0
         except OSError as exc:
             return dst_error if isinstance(exc, _RESETS) else "error"
-        # Then count: a few additions per chunk, the clock only if messages completed.
-        # (Before finishing a partial send: replies to the part already sent may be
-        # relayed while this loop waits, and must find their REQs timed.)
+        # Then count: one call scans, counts and times the chunk (meter.py, or the
+        # compiled accelerator). Before finishing a partial send: replies to the
+        # part already sent may be relayed while this loop waits, and must find
+        # their REQs timed.
         n = len(data)
         moved[direction] += n
-        counts = feed(data)
-        now = record(direction, n, counts)
-        if now:
-            on_messages(now, counts)
-            messages[direction] += counts[0] + counts[1] + counts[2]
+        completed = account(data)
+        if completed:
+            messages[direction] += completed
         # Wait for writability only if the kernel took less than the chunk.
         if sent < n:
             try:

@@ -22,7 +22,7 @@ import time
 import gevent
 from gevent.event import Event
 
-from . import __version__, signals
+from . import __version__, accel, signals
 from .admin import AdminServer, serve
 from .config import Config
 from .logs import LOGGER, setup
@@ -109,6 +109,7 @@ def run(
                 "worker": worker,
                 "forward": str(config.forward),
                 "version": __version__,
+                "counting": accel.DESCRIPTION,
                 "max_connections": config.max_connections,
                 "connect_timeout_s": config.connect_timeout,
                 "idle_timeout_s": config.idle_timeout,

@@ -38,6 +38,7 @@ __all__ = [
     "Stats",
     "latency_histogram",
     "new_baseline",
+    "layout",
     "new_block",
     "reset_gauges",
     "persistent_totals",
@@ -106,6 +107,32 @@ BLOCK_BYTES = BLOCK_SLOTS * 8
 Block = Union[list[int], memoryview]
 
 
+def layout() -> dict[str, int]:
+    """Where ``Stats.record`` and ``observe_latency`` write, for the compiled writer.
+
+    The compiled code takes every offset from here (and checks each against
+    the block's length), so the layout is defined once, in this module.
+    """
+    return {
+        "bytes": _BYTES,
+        "msg": _MSG,
+        "stamp": _STAMP,
+        "wreq": _WREQ,
+        "wresp": _WRESP,
+        "ring": RING,
+        "lcount": _LCOUNT,
+        "lsum": _LSUM,
+        "lstamp": _LSTAMP,
+        "lring": _LRING,
+        "nb": _NB,
+        "lwindow": LATENCY_WINDOW_S,
+        "dropped": _C["latency_dropped"],
+        "unmatched": _C["latency_unmatched"],
+        "bucket_ns": BUCKET_NS,
+        "slots": BLOCK_SLOTS,
+    }
+
+
 def new_block(shared: bool = False) -> Block:
     """A zeroed block.
 
@@ -129,7 +156,7 @@ def reset_gauges(block: Block) -> None:
 class Stats:
     """The writer of one block: the only object the relays touch."""
 
-    __slots__ = ("block", "clock")
+    __slots__ = ("block", "clock", "writer")
 
     def __init__(
         self,
@@ -139,6 +166,7 @@ class Stats:
     ) -> None:
         self.block = new_block() if block is None else block
         self.clock = clock
+        self.writer: Any = None  # the compiled writer of this block, made by accel on first use
         if mark_start:  # a restarted worker keeps its slot's start time
             self.block[_STARTED] = clock()
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from geventproxy import __version__
+from geventproxy import __version__, accel
 from geventproxy.config import _FLAGS, ENV_PREFIX, Address, Config, ConfigError, load
 from geventproxy.stats import Stats, snapshot
 from tests.helpers import REPO_ROOT, subprocess_env
@@ -196,5 +196,7 @@ def test_cli_help_names_every_flag_signal_and_statistic() -> None:
 
 @pytest.mark.parametrize("flag", ["--version", "-version"])
 def test_cli_version(flag: str) -> None:
+    """The version line also says which counting implementation runs."""
     done = _cli(flag)
-    assert (done.returncode, done.stdout, done.stderr) == (0, f"geventproxy {__version__}\n", "")
+    expected = f"geventproxy {__version__} (counting: {accel.DESCRIPTION})\n"
+    assert (done.returncode, done.stdout, done.stderr) == (0, expected, "")
