@@ -9,6 +9,7 @@ timings; the tests hold them to it. The choice is made once, at import.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from typing import Any
@@ -27,10 +28,12 @@ def _load() -> tuple[Any, str]:
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         return None, f"pure Python ({PURE_ENV}={os.environ[PURE_ENV]})"
     try:
-        from . import _accel
-    except ImportError as exc:
-        return None, f"pure Python (compiled accelerator not available: {exc})"
-    return _accel, "compiled accelerator"
+        native = importlib.import_module(f"{__package__}._accel")
+    except ModuleNotFoundError:
+        return None, "pure Python (compiled accelerator not built)"
+    except ImportError as exc:  # built, but for another interpreter, or broken
+        return None, f"pure Python (compiled accelerator failed to import: {exc})"
+    return native, "compiled accelerator"
 
 
 _native, DESCRIPTION = _load()
