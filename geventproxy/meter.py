@@ -2,44 +2,57 @@
 
 The copy loop calls ``Meter.account(chunk)`` once per chunk: it scans the
 chunk (``codec.LineScanner``), adds its bytes and messages to the counters
-and windows (``stats.Stats.record``) and times the REQs and their replies
+and windows (``stats.Stats``) and times the REQs and their replies
 (``latency.RequestTimer``). This is the pure-Python definition; the
 compiled ``_accel.Meter`` does the same in one C call, and the tests hold
-the two to identical results.
+the two to identical results (and this one to the plain composition of
+scanner, statistics and timer).
 """
 
 from __future__ import annotations
 
-from .codec import LineScanner
+from .codec import ACK, NAK, REQ, LineScanner, plain_line
 from .latency import RequestTimer
 
 __all__ = ["Meter"]
 
+_KIND = {ord("R"): REQ, ord("A"): ACK, ord("N"): NAK}
 
-class Meter:
+
+class Meter(LineScanner):
     """Scans, counts and times one direction of a connection."""
 
-    __slots__ = ("_scanner", "_feed", "_record", "_direction", "_on_messages")
+    __slots__ = ("_direction", "_record", "_record_message", "_timed")
 
     def __init__(self, direction: int, max_line: int, timer: RequestTimer) -> None:
         if direction not in (0, 1):
             raise ValueError("direction must be 0 or 1")
-        self._scanner = LineScanner(max_line)
-        self._feed = self._scanner.feed
-        self._record = timer.stats.record
+        super().__init__(max_line)
         self._direction = direction
-        self._on_messages = timer.answered if direction else timer.sent
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an unfinished line held now."""
-        return self._scanner.pending
+        self._record = timer.stats.record
+        self._record_message = timer.stats.record_message
+        # Client side: REQs are timed; upstream side: replies are.
+        self._timed = timer.replies_arrived if direction else timer.requests_sent
 
     def account(self, data: bytes) -> int:
         """Account one forwarded chunk; return the well-formed messages it completed."""
-        counts = self._feed(data)
-        now = self._record(self._direction, len(data), counts)
+        n = len(data)
+        # The usual chunk: one plain line and nothing held. No counts tuple, three calls.
+        if not self._held_len and not self._skipping and plain_line(data) and n <= self.max_line:
+            kind = _KIND[data[0]]
+            now = self._record_message(self._direction, n, kind)
+            if self._direction:
+                if kind != REQ:
+                    self._timed(now, 1)
+            elif kind == REQ:
+                self._timed(now, 1)
+            return 1
+        counts = self.feed(data)
+        now = self._record(self._direction, n, counts)
         if now:
-            self._on_messages(now, counts)
+            if self._direction:
+                self._timed(now, counts[1] + counts[2])
+            else:
+                self._timed(now, counts[0])
             return counts[0] + counts[1] + counts[2]
         return 0

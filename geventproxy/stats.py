@@ -215,6 +215,24 @@ class Stats:
             b[_STAMP + i] = k
         return now
 
+    def record_message(self, direction: int, nbytes: int, kind: int) -> int:
+        """``record`` for a chunk that completed exactly one message, of ``kind``
+        (0 REQ, 1 ACK, 2 NAK): the usual chunk, with no counts tuple to build.
+        Returns the clock reading."""
+        b = self.block
+        b[_BYTES + direction] += nbytes
+        b[_MSG + direction * 4 + kind] += 1
+        now = self.clock()
+        k = now // BUCKET_NS
+        i = k % RING
+        if b[_STAMP + i] == k:
+            b[(_WRESP if kind else _WREQ) + i] += 1
+        else:  # counts first, stamp last, as in record
+            b[_WREQ + i] = 0 if kind else 1
+            b[_WRESP + i] = 1 if kind else 0
+            b[_STAMP + i] = k
+        return now
+
     def observe_latency(self, now_ns: int, latency_ns: int, n: int = 1) -> None:
         """Record ``n`` responses that took ``latency_ns`` each."""
         b = self.block

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from geventproxy import accel
 from geventproxy.stats import Stats, new_block, snapshot
 from tests.helpers import REPO_ROOT
-from tests.unit.implementations import COMPILED, PURE
+from tests.unit.implementations import COMPILED, PURE, REFERENCE
 
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="the extension is not built")
 
@@ -211,16 +211,18 @@ _traffic = st.sampled_from(
     shared=st.booleans(),
 )
 def test_meters_leave_identical_blocks(events, data, max_line, limit, shared) -> None:
-    """Both directions of one connection, chunk by chunk, through both Meters.
+    """Both directions of one connection, chunk by chunk, through three Meters: the
+    plain composition of scanner, statistics and timer, the pure Meter with its
+    fast path, and the compiled one.
 
     Same chunks, same clock readings, a small timer limit (REQs dropped and
     their replies skipped), a list block or a shared int64 block: the
     returns and held bytes agree after every chunk, and at the end the
-    two blocks are equal slot for slot (so are their reports).
+    blocks are equal slot for slot (so are their reports).
     """
     clock = _Clock()
     sides = []
-    for impl in (PURE, COMPILED):
+    for impl in (REFERENCE, PURE, COMPILED):
         stats = Stats(new_block(shared=shared), clock)
         timer = impl.timer(stats, limit)
         sides.append((stats, timer, [impl.meter(d, max_line, timer) for d in (0, 1)]))
@@ -230,11 +232,13 @@ def test_meters_leave_identical_blocks(events, data, max_line, limit, shared) ->
         if not chunk:
             continue
         got = [meters[direction].account(chunk) for _, _, meters in sides]
-        assert got[0] == got[1], chunk
-        assert sides[0][2][direction].pending == sides[1][2][direction].pending
-        assert len(sides[0][1]) == len(sides[1][1])
-    assert list(sides[0][0].block) == list(sides[1][0].block)
-    assert snapshot([sides[0][0].block], clock.now) == snapshot([sides[1][0].block], clock.now)
+        assert got[0] == got[1] == got[2], chunk
+        assert len({meters[direction].pending for _, _, meters in sides}) == 1
+        assert len({len(timer) for _, timer, _ in sides}) == 1
+    blocks = [list(stats.block) for stats, _, _ in sides]
+    assert blocks[0] == blocks[1] == blocks[2]
+    reports = [snapshot([stats.block], clock.now) for stats, _, _ in sides]
+    assert reports[0] == reports[1] == reports[2]
 
 
 @needs_compiled
