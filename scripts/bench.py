@@ -10,6 +10,7 @@ stub server), then measures, on 127.0.0.1:
 
 Scenarios (--scenarios, comma separated; all by default):
 
+    chunks      the per-chunk accounting alone, in this process, both implementations
     serial1     1 connection, one request in flight
     serial50    50 connections, one request in flight each
     pipe50      50 connections, 100 requests in flight each
@@ -31,7 +32,8 @@ row, the target and whether this run met it.
 
 Usage:
     python scripts/bench.py [--quick] [--runs N] [--duration S] [--scenarios LIST]
-                            [--idle-runs N] [--no-haproxy] [--workers-compare]
+                            [--relays accelerated,pure] [--idle-runs N] [--no-haproxy]
+                            [--workers-compare]
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import runs, tables  # noqa: E402
+from benchlib.chunks import measure_chunks  # noqa: E402
 from benchlib.processes import Children, build_tools, pinning  # noqa: E402
 from benchlib.runs import Bench, Relay  # noqa: E402
 from benchlib.scenarios import IDLE, LOADS, SCENARIOS, TITLES  # noqa: E402
@@ -74,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy")
     parser.add_argument(
+        "--relays",
+        default="accelerated,pure",
+        help="which proxy paths to measure: accelerated, pure or both (default both)",
+    )
+    parser.add_argument(
         "--workers-compare", action="store_true", help="also compare -workers=1 and -workers=2"
     )
     opts = parser.parse_args(argv)
@@ -86,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if opts.runs < 1 or opts.idle_runs < 1 or opts.duration <= 0:
         parser.error("--runs and --idle-runs must be >= 1 and --duration > 0")
     opts.scenarios = [s.strip() for s in opts.scenarios.split(",") if s.strip() not in ("", "none")]
+    opts.relays = [r.strip() for r in opts.relays.split(",") if r.strip()]
+    if not opts.relays or not set(opts.relays) <= {"accelerated", "pure"}:
+        parser.error("--relays is a comma-separated subset of accelerated,pure")
     unknown = [s for s in opts.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {','.join(unknown)}; choose from {','.join(SCENARIOS)}")
@@ -145,13 +156,13 @@ def measure(bench: Bench) -> tuple[dict[str, Any], dict[str, Any], list[Any]]:
     loads: dict[str, Any] = {}
     idles: dict[str, Any] = {}
     printers: list[Any] = []
+    if "chunks" in opts.scenarios:
+        print(f"\n-- chunks: {TITLES['chunks']}", flush=True)
+        printers.append((tables.report_chunks, measure_chunks(opts.relays)))
     stub, stub_port = bench.start_stub(bench.pins.load)
     scenarios = [s for s in opts.scenarios if s in LOADS]
     if scenarios:
-        relays = [
-            bench.start_proxy(path, stub_port, prefix=bench.pins.relay)
-            for path in ("accelerated", "pure")
-        ]
+        relays = [bench.start_proxy(p, stub_port, prefix=bench.pins.relay) for p in opts.relays]
         for relay in relays:
             print(f"  {relay.name}: the proxy says it counts with: {relay.counting}")
         if bench.haproxy:

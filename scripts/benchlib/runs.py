@@ -301,7 +301,7 @@ def idle(bench: Bench, scenario: str, stub_port: int) -> tuple[dict[str, list[di
             f" per connection, the hard limit here is {hard:,} and it cannot be raised"
         )
         print(f"  {note}", flush=True)
-    paths = ["accelerated", "pure"] + (["haproxy"] if bench.haproxy else [])
+    paths = [*bench.opts.relays] + (["haproxy"] if bench.haproxy else [])
     results: dict[str, list[dict]] = {}
     runs = bench.opts.idle_runs
     for rnd in range(runs):

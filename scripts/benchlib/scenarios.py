@@ -16,8 +16,18 @@ LOADS = {
 #: name -> idle connections held
 IDLE = {"idle1000": 1000, "idle10000": 10000}
 #: What a plain run measures, in order.
-SCENARIOS = ("serial1", "serial50", "pipe50", "serial1000", "serial5000", "idle1000", "idle10000")
+SCENARIOS = (
+    "chunks",
+    "serial1",
+    "serial50",
+    "pipe50",
+    "serial1000",
+    "serial5000",
+    "idle1000",
+    "idle10000",
+)
 TITLES = {
+    "chunks": "the per-chunk accounting alone, in-process (no sockets)",
     "serial1": "1 connection, serial (one request in flight)",
     "serial50": "50 connections, serial",
     "pipe50": "50 connections x 100 pipelined requests",

@@ -13,6 +13,7 @@ __all__ = [
     "brief",
     "paired",
     "print_table",
+    "report_chunks",
     "report_idle",
     "report_throughput",
     "report_workers",
@@ -170,6 +171,20 @@ def report_idle(scenario: str, results: Results, runs: int, note: str = "") -> N
     ]
     print_table(headers, rows)
     print("  idleping=1: each connection sent one REQ and got its reply before being held")
+
+
+def report_chunks(results: dict[str, dict[str, tuple[float, float]]]) -> None:
+    print(f"\n== chunks: {TITLES['chunks']} (best of 7 repeats, CPU time)")
+    labels = list(next(iter(results.values())))
+    headers = ["implementation", *[f"{label}: ns" for label in labels], "ns/message"]
+    rows = [
+        [name, *[_n(row[label][0]) for label in labels], "  ".join(_n(row[x][1]) for x in labels)]
+        for name, row in results.items()
+    ]
+    print_table(headers, rows)
+    if {"accelerated", "pure"} <= set(results):
+        ratios = [results["pure"][x][0] / results["accelerated"][x][0] for x in labels]
+        print("  pure/accelerated: " + ", ".join(f"{r:.1f}x" for r in ratios))
 
 
 def report_workers(out: dict[str, Results], runs: int) -> None:
