@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -41,6 +42,8 @@ __all__ = ["Bench", "Relay", "idle", "parse_result", "throughput", "workers_comp
 
 #: Seconds loadgen holds idle connections (the proxy parks idle ones after 2 s).
 IDLE_HOLD = 3.5
+#: The start line's field that names the counting implementation (quoted if it has spaces).
+_COUNTING = re.compile(r'counting=(?:"([^"]*)"|(\S+))')
 #: Descriptors a relay process needs besides its connections (listeners, event loop, logs).
 FD_RESERVE = 100
 PROXY_PATHS = {"accelerated": ACCELERATED_ENV, "pure": PURE_ENV}
@@ -98,7 +101,8 @@ class Bench:
 
     def start_proxy(self, path: str, upstream: int, *args: str, prefix: list[str]) -> Relay:
         launched = self.children.proxy(upstream, *args, prefix=prefix, env=PROXY_PATHS[path])
-        counting = launched.wait_log("listening").partition("counting=")[2].strip().strip('"')
+        found = _COUNTING.search(launched.wait_log("listening"))
+        counting = (found.group(1) or found.group(2)) if found else "not said"
         watch = Watch(launched.report)
         return Relay(path, launched.port, {"relay": launched.pid}, watch, counting, launched)
 
