@@ -14,12 +14,14 @@ The layout is a pure function of the data and the terminal size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import curses
 import http.client
 import json
 import locale
 import sys
 import textwrap
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -264,8 +266,27 @@ class Source:
         finally:
             conn.close()
 
-    def poll(self, view: View, now: float) -> None:
-        """One round: update ``view``, or note in it why the proxy cannot be read."""
+    def poll(self, view: View, now: float, lock: threading.Lock | None = None) -> None:
+        """One round: update ``view``, or note in it why the proxy cannot be read.
+
+        The requests are made first; ``view`` changes after, under ``lock``
+        (the screen reads it meanwhile). Only this round reads what it writes
+        of ``view`` before the requests.
+        """
+        fetched = self._fetch(view)
+        with lock or contextlib.nullcontext():
+            if isinstance(fetched, str):
+                view.error = fetched
+                if view.failing_since is None:
+                    view.failing_since = now
+                return
+            history, stats, health = fetched
+            view.merge(history)
+            view.stats, view.health = stats, health
+            view.error, view.failing_since, view.last_ok = "", None, now
+
+    def _fetch(self, view: View) -> tuple[dict, dict, tuple[bool, str]] | str:
+        """The three routes' answers, or why they could not be read."""
         try:
             status, body = self.get(f"/history?after={view.last_seq}")
             if status != 200:
@@ -280,13 +301,8 @@ class Source:
             status, body = self.get("/healthz")
             health = (status == 200, body.decode(errors="replace").strip() or f"HTTP {status}")
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            view.error = str(exc) or type(exc).__name__
-            if view.failing_since is None:
-                view.failing_since = now
-            return
-        view.merge(history)
-        view.stats, view.health = stats, health
-        view.error, view.failing_since, view.last_ok = "", None, now
+            return str(exc) or type(exc).__name__
+        return history, stats, health
 
 
 def _styles() -> dict[str, int]:
@@ -306,21 +322,44 @@ def _loop(screen: Any, source: Source, view: View, interval: float, unicode: boo
     except curses.error:
         pass
     styles = _styles()
-    screen.timeout(100)  # getch() waits at most this long, so keys are read between polls
-    due, redraw = 0.0, False
+    screen.timeout(100)  # getch() waits at most this long: keys are read ten times a second
+    # The proxy is read in a thread of its own, so that a slow or hung proxy never
+    # delays a key: q quits within a tenth of a second whatever the network does.
+    lock, stop, polled = threading.Lock(), threading.Event(), threading.Event()
+
+    def poll_forever() -> None:
+        while not stop.is_set():
+            source.poll(view, time.time(), lock)
+            polled.set()
+            stop.wait(interval)
+
+    threading.Thread(target=poll_forever, name="poll", daemon=True).start()
+    try:
+        return _paint_until_quit(screen, view, lock, polled, styles, unicode)
+    finally:
+        stop.set()
+
+
+def _paint_until_quit(
+    screen: Any,
+    view: View,
+    lock: threading.Lock,
+    polled: threading.Event,
+    styles: dict[str, int],
+    unicode: bool,
+) -> int:
     while True:
-        now = time.time()
-        if time.monotonic() >= due:
-            source.poll(view, now)
-            due = time.monotonic() + interval
-            redraw = True
         key = screen.getch()
         if key in (ord("q"), ord("Q")):
             return 0
-        if key == curses.KEY_RESIZE or redraw:
+        if key == curses.KEY_RESIZE or polled.is_set():
+            polled.clear()
             height, width = screen.getmaxyx()
+            now = time.time()
+            with lock:
+                lines = render(view, width, height, now, unicode)
             screen.erase()
-            for row, (text, style) in enumerate(render(view, width, height, now, unicode)):
+            for row, (text, style) in enumerate(lines):
                 try:
                     # The bottom right cell cannot be written without moving the cursor off screen.
                     screen.addstr(
@@ -329,7 +368,6 @@ def _loop(screen: Any, source: Source, view: View, interval: float, unicode: boo
                 except curses.error:
                     pass
             screen.refresh()
-            redraw = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,11 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.helpers import (
+    SLACK,
     Traffic,
     closed_port,
     http_request,
@@ -162,5 +164,10 @@ def test_top_in_tmux(foo_port: int, workers: int, tmux: Tmux) -> None:
     screen = tmux.wait_screen(lambda s: "CANNOT REACH THE PROXY" in s)
     assert _line(screen, "requests/s"), "the last figures are gone"
     tmux.run("send-keys", "-t", "top", "q")
-    assert wait_until(lambda: tmux.exit_status() is not None, timeout=5)
+    sent = time.monotonic()
+    try:
+        wait_until(lambda: tmux.exit_status() is not None, timeout=60)
+        print(f"q quit after {time.monotonic() - sent:.2f} s")
+    except AssertionError:
+        raise AssertionError(f"q did not quit; the screen:\n{tmux.screen()}") from None
     assert tmux.exit_status() == 0
