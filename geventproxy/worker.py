@@ -3,8 +3,9 @@
 ``python -m geventproxy.worker HANDOFF... -- FLAGS...`` runs in a fresh
 interpreter, so a reload runs the code that is on disk now. It inherits
 from the parent the listening socket, the admin socket (worker 0 only), the
-shared statistics and a pipe on which it says it is ready; the HANDOFF
-options give their descriptor numbers. FLAGS are the parent's command line
+shared statistics and a pipe on which it tells the parent it is ready, and
+when it has frozen its statistics for a report; the HANDOFF options give
+their descriptor numbers. FLAGS are the parent's command line
 as given, and the environment the parent passes it holds the settings of
 its --env-file: the worker parses them with its own code and never reads
 the file (it may have changed since the parent read it).
