@@ -57,6 +57,9 @@ def _plain(pattern: str) -> re.Pattern[bytes]:
 
 _LINE = r"(?:REQ|ACK|NAK) [+-]?%[0-9]{1,18}%(?: [\x21-\x7e]*%)?%\r?%\n"
 _PLAIN_BLOCK = _plain(rf"(?:{_LINE})*%")
+# The shape nearly all traffic has (three fields, no sign, no CR): the same
+# lines as _LINE without its optional parts, which cost a third of its time.
+_COMMON_BLOCK = _plain(r"(?:(?:REQ|ACK|NAK) [0-9]{1,18}% [\x21-\x7e]*%\n)*%")
 _SEQ = re.compile(rb"[+-]?[0-9]+")
 _BAD_DATA_CHARS = re.compile("[\x00-\x20\x7f]")
 
@@ -107,6 +110,8 @@ def classify(line: bytes) -> int:
 
 
 _PLAIN_LINE = _plain(_LINE)
+plain_line = _PLAIN_LINE.fullmatch
+"""Is this exactly one plainly valid line (a fast check; False proves nothing)?"""
 _ONE = {b"REQ ": (1, 0, 0, 0), b"ACK ": (0, 1, 0, 0), b"NAK ": (0, 0, 1, 0)}
 
 
@@ -119,12 +124,15 @@ def count_block(block: bytes, max_line: int = DEFAULT_MAX_LINE) -> tuple[int, in
         if block.find(b"\n") == len(block) - 1:  # one line, the usual chunk
             if _PLAIN_LINE.fullmatch(block):
                 return _ONE[block[:4]]
-        elif _PLAIN_BLOCK.fullmatch(block):
+        elif _COMMON_BLOCK.fullmatch(block) or _PLAIN_BLOCK.fullmatch(block):
             # Every line is valid, and since Data holds no space, "REQ " and
             # "ACK " can only occur as a line's type.
+            lines = block.count(b"\n")
             req = block.count(b"REQ ")
+            if req == lines:  # a client's pipelined REQs
+                return (req, 0, 0, 0)
             ack = block.count(b"ACK ")
-            return (req, ack, block.count(b"\n") - req - ack, 0)
+            return (req, ack, lines - req - ack, 0)
     tally = [0, 0, 0, 0]
     start = 0
     find = block.find

@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NoReturn
 
-from . import __version__
+from . import __version__, accel
 from .codec import DEFAULT_MAX_LINE
 
 __all__ = [
@@ -412,7 +412,10 @@ def _parser() -> _Parser:
             kwargs.update(nargs="?", const=True)  # -strict, or -strict=false
         parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), **kwargs)
     parser.add_argument(
-        "-version", "--version", action="version", version=f"geventproxy {__version__}"
+        "-version",
+        "--version",
+        action="version",
+        version=f"geventproxy {__version__} (counting: {accel.DESCRIPTION})",
     )
     return parser
 

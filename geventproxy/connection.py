@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import Event
 
-from .codec import LineScanner, StrictFilter
-from .latency import RequestTimer
+from .accel import new_meter, new_timer
+from .codec import StrictFilter
 from .relay import (
     ANSWERED,
     CLIENT_SENDING,
@@ -105,12 +105,13 @@ class Connection:
         self.seen_at = time.monotonic()  # idle time counts from here, not from the accept
         if self.reason is not None:  # aborted while dialling (the drain deadline)
             self.abort(self.reason)
-        timer = RequestTimer(stats)
-        scanner = StrictFilter(max_line) if strict else LineScanner(max_line)
-        up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
-        down = Direction(
-            hub, UPSTREAM_TO_CLIENT, upstream, client, LineScanner(max_line), timer.answered
+        timer = new_timer(stats)
+        scanner = (
+            StrictFilter(max_line) if strict else new_meter(CLIENT_TO_UPSTREAM, max_line, timer)
         )
+        up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
+        meter = new_meter(UPSTREAM_TO_CLIENT, max_line, timer)
+        down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter, timer.answered)
         self._up, self._down = up, down
         done = Event()
 
@@ -180,7 +181,7 @@ class Connection:
         up, down, tally = self._up, self._down, self.tally
         assert up is not None and down is not None
         # An unfinished last line is answered too (the server reads it at EOF).
-        unfinished = 1 if isinstance(up.scanner, LineScanner) and up.scanner.pending else 0
+        unfinished = 0 if isinstance(up.scanner, StrictFilter) or not up.scanner.pending else 1
         tally.owed = tally.lines[CLIENT_TO_UPSTREAM] + unfinished
         # The upstream-to-client loop checks ``owed`` after each chunk it sends in
         # full. Waiting for the upstream with nothing owed (its watcher is active

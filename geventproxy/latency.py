@@ -45,7 +45,14 @@ class RequestTimer:
 
     def sent(self, now_ns: int, counts: Counts) -> None:
         """A chunk from the client was forwarded, holding ``counts[0]`` REQs."""
-        n = counts[0]
+        self.requests_sent(now_ns, counts[0])
+
+    def answered(self, now_ns: int, counts: Counts) -> None:
+        """A chunk from the upstream was forwarded, holding ACKs and NAKs."""
+        self.replies_arrived(now_ns, counts[1] + counts[2])
+
+    def requests_sent(self, now_ns: int, n: int) -> None:
+        """``n`` REQs were forwarded to the upstream together at ``now_ns``."""
         if n:
             queue = self._queue
             if queue is _EMPTY:
@@ -58,9 +65,8 @@ class RequestTimer:
                 self._forgotten += dropped
                 self.stats.incr("latency_dropped", dropped)
 
-    def answered(self, now_ns: int, counts: Counts) -> None:
-        """A chunk from the upstream was forwarded, holding ACKs and NAKs."""
-        n = counts[1] + counts[2]
+    def replies_arrived(self, now_ns: int, n: int) -> None:
+        """``n`` replies were forwarded to the client together at ``now_ns``."""
         if self._forgotten:  # the oldest replies answer REQs no longer remembered
             skip = min(n, self._forgotten)
             self._forgotten -= skip

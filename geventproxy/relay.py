@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from greenlet import getcurrent
 
-from .codec import Counts, LineScanner, StrictFilter
+from .codec import Counts, StrictFilter
 from .stats import (
     CLIENT_CLOSED,
     CLIENT_RESET,
@@ -38,6 +38,7 @@ from .stats import (
 if TYPE_CHECKING:
     from gevent.hub import Hub
 
+    from .meter import Meter
     from .stats import Stats
 
 __all__ = [
@@ -111,7 +112,7 @@ class Direction:
         index: int,
         src: socket.socket,
         dst: socket.socket,
-        scanner: LineScanner | StrictFilter,
+        scanner: Meter | StrictFilter,
         on_messages: Callable[[int, Counts], None],
     ) -> None:
         self.index = index
@@ -147,9 +148,7 @@ def relay(
                 d.dst,
                 readable,
                 d.writable,
-                d.scanner.feed,
-                d.on_messages,
-                stats,
+                d.scanner.account,
                 tally,
                 bufsize,
             )
@@ -195,9 +194,7 @@ def _copy(
     dst: socket.socket,
     readable: Any,
     writable: Any,
-    feed: Callable[[bytes], Counts],
-    on_messages: Callable[[int, Counts], None],
-    stats: Stats,
+    account: Callable[[bytes], int],
     tally: Tally,
     bufsize: int,
 ) -> str:
@@ -213,7 +210,6 @@ def _copy(
     wait_readable = hub.switch  # returns when ``readable`` fires (see relay())
     recv = src.recv
     send = dst.send
-    record = stats.record
     moved = tally.bytes
     lines = tally.lines
     while True:
@@ -237,16 +233,13 @@ def _copy(
             sent = 0
         except OSError as exc:
             return _failed(exc, dst_error)
-        # Then count: a few additions per chunk, the clock only if messages completed.
-        # (Before finishing a partial send: replies to the part already sent may be
-        # relayed while this loop waits, and must find their REQs timed.)
+        # Then count: one call scans, counts and times the chunk (meter.py, or the
+        # compiled accelerator) and says how many lines it completed. Before
+        # finishing a partial send: replies to the part already sent may be
+        # relayed while this loop waits, and must find their REQs timed.
         n = len(data)
         moved[direction] += n
-        counts = feed(data)
-        now = record(direction, n, counts)
-        if now:
-            on_messages(now, counts)
-        lines[direction] += counts[0] + counts[1] + counts[2] + counts[3]
+        lines[direction] += account(data)
         # Wait for writability only if the kernel took less than the chunk.
         if sent < n:
             try:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import gevent
 from gevent.event import Event
 
-from . import __version__, process, signals
+from . import __version__, accel, process, signals
 from .admin import AdminServer, serve
 from .config import Config, format_address
 from .history import History
@@ -173,6 +173,7 @@ def _log_serving(server: ProxyServer, config: Config) -> None:
         address=format_address(server.address),
         forward=str(config.forward),
         version=__version__,
+        counting=accel.DESCRIPTION,
         max_connections=config.max_connections,
         connect_timeout_s=config.connect_timeout,
         idle_timeout_s=config.idle_timeout,

@@ -47,6 +47,7 @@ __all__ = [
     "Stats",
     "latency_histogram",
     "new_baseline",
+    "layout",
     "new_block",
     "reset_gauges",
     "persistent_totals",
@@ -130,6 +131,32 @@ BLOCK_SLOTS = _PID + 1
 Block = Union[list[int], memoryview]
 
 
+def layout() -> dict[str, int]:
+    """Where ``Stats.record`` and ``observe_latency`` write, for the compiled writer.
+
+    The compiled code takes every offset from here (and checks each against
+    the block's length), so the layout is defined once, in this module.
+    """
+    return {
+        "bytes": _BYTES,
+        "msg": _MSG,
+        "stamp": _STAMP,
+        "wreq": _WREQ,
+        "wresp": _WRESP,
+        "ring": RING,
+        "lcount": _LCOUNT,
+        "lsum": _LSUM,
+        "lstamp": _LSTAMP,
+        "lring": _LRING,
+        "nb": _NB,
+        "lwindow": LATENCY_WINDOW_S,
+        "dropped": _C["latency_dropped"],
+        "unmatched": _C["latency_unmatched"],
+        "bucket_ns": BUCKET_NS,
+        "slots": BLOCK_SLOTS,
+    }
+
+
 def new_block() -> Block:
     """A zeroed block: a plain list (``sharedstats`` puts blocks in shared memory)."""
     block: Block = [0] * BLOCK_SLOTS
@@ -163,7 +190,7 @@ def worker_figures(block: Block) -> dict[str, int]:
 class Stats:
     """The writer of one block: the only object the relays touch."""
 
-    __slots__ = ("block", "clock")
+    __slots__ = ("block", "clock", "writer")
 
     def __init__(
         self,
@@ -173,6 +200,7 @@ class Stats:
     ) -> None:
         self.block = new_block() if block is None else block
         self.clock = clock
+        self.writer: Any = None  # the compiled writer of this block, made by accel on first use
         if mark_start:  # a restarted worker keeps its slot's start time
             self.block[_STARTED] = clock()
 
@@ -218,6 +246,24 @@ class Stats:
             # then sees either the old stamp (and skips the bucket) or the new counts.
             b[_WREQ + i] = req
             b[_WRESP + i] = ack + nak
+            b[_STAMP + i] = k
+        return now
+
+    def record_message(self, direction: int, nbytes: int, kind: int) -> int:
+        """``record`` for a chunk that completed exactly one message, of ``kind``
+        (0 REQ, 1 ACK, 2 NAK): the usual chunk, with no counts tuple to build.
+        Returns the clock reading."""
+        b = self.block
+        b[_BYTES + direction] += nbytes
+        b[_MSG + direction * 4 + kind] += 1
+        now = self.clock()
+        k = now // BUCKET_NS
+        i = k % RING
+        if b[_STAMP + i] == k:
+            b[(_WRESP if kind else _WREQ) + i] += 1
+        else:  # counts first, stamp last, as in record
+            b[_WREQ + i] = 0 if kind else 1
+            b[_WRESP + i] = 1 if kind else 0
             b[_STAMP + i] = k
         return now
 

@@ -19,7 +19,7 @@ out_dir=$(cd "$out_dir" && pwd)
 for prog in loadgen stub; do
     tmp="$out_dir/.$prog.tmp.$$"
     # Compiler messages go to stderr so stdout stays just the directory.
-    if ! "$cc" -O2 -Wall -o "$tmp" "$src_dir/$prog.c" >&2; then
+    if ! "$cc" -O2 -Wall -Wextra -Wno-unused-parameter -o "$tmp" "$src_dir/$prog.c" >&2; then
         rm -f "$tmp"
         echo "build.sh: failed to compile $prog.c" >&2
         exit 1

@@ -69,6 +69,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define RBUF_SIZE 65536          /* a reply line longer than this is an error */
 #define DATA_MAX 256             /* max length of the REQ data token */
 #define REQ_MAX (4 + 20 + 1 + DATA_MAX + 1)  /* "REQ " seq " " data "\n" */
@@ -344,20 +346,6 @@ static void conn_flush(struct conn *c)
     set_out_interest(c, 0);
 }
 
-/* Decimal formatting without printf: this runs once per request. */
-static char *put_u64(char *p, uint64_t v)
-{
-    char tmp[20];
-    int n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = tmp[--n];
-    return p;
-}
-
 /* Fill every free window slot with a REQ, all in a single write. */
 static void conn_refill(struct conn *c)
 {
@@ -374,7 +362,7 @@ static void conn_refill(struct conn *c)
     for (long i = 0; i < room; i++) {
         int64_t seq = c->next_send++;
         memcpy(p, "REQ ", 4);
-        p = put_u64(p + 4, (uint64_t)seq);
+        p = put_i64(p + 4, seq);
         *p++ = ' ';
         memcpy(p, opt_data, opt_data_len);
         p += opt_data_len;
@@ -468,9 +456,7 @@ static int connect_to(void)
         perror("loadgen: socket");
         return -1;
     }
-    int one = 1;
-    /* Our writes are already whole batches: never let Nagle hold them. */
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    set_nodelay(fd);
     if (connect(fd, (struct sockaddr *)&opt_addr, sizeof opt_addr) < 0) {
         if (errno != EINPROGRESS) {
             fprintf(stderr, "loadgen: connect %s: %s\n", opt_addr_str, strerror(errno));
@@ -642,24 +628,11 @@ bad:
 
 static void parse_addr(const char *s)
 {
-    char host[64];
-    const char *colon = strrchr(s, ':');
-    if (!colon || (size_t)(colon - s) >= sizeof host)
-        goto bad;
-    memcpy(host, s, (size_t)(colon - s));
-    host[colon - s] = 0;
-    memset(&opt_addr, 0, sizeof opt_addr);
-    opt_addr.sin_family = AF_INET;
-    opt_addr.sin_port = htons((uint16_t)parse_long("-addr port", colon + 1, 1));
-    if (strcmp(host, "localhost") == 0 || host[0] == 0)
-        strcpy(host, "127.0.0.1");
-    if (inet_pton(AF_INET, host, &opt_addr.sin_addr) != 1)
-        goto bad;
+    if (parse_ipv4_addr(s, &opt_addr) < 0) {
+        fprintf(stderr, "loadgen: -addr wants IPv4 HOST:PORT, got %s\n", s);
+        exit(2);
+    }
     opt_addr_str = s;
-    return;
-bad:
-    fprintf(stderr, "loadgen: -addr wants IPv4 HOST:PORT, got %s\n", s);
-    exit(2);
 }
 
 static void parse_args(int argc, char **argv)
@@ -770,12 +743,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     window = opt_serial ? 1 : opt_window;
 
-    /* Thousands of idle connections need thousands of descriptors. */
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
+    raise_fd_limit();   /* thousands of idle connections */
 
     if (opt_idle > 0) {
         if (open_idle() < 0)

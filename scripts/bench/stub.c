@@ -36,6 +36,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define IN_SIZE 65536
 #define MAX_LINE 65536
 #define REPLY_MAX 64              /* "NAK -9223372036854775808 " + 32 hex + "\n" = 59 */
@@ -168,24 +170,6 @@ static int parse_i64(const char *s, size_t n, int64_t *out)
     return 0;
 }
 
-static char *put_i64(char *p, int64_t sv)
-{
-    char tmp[20];
-    int n = 0;
-    uint64_t v = (uint64_t)sv;
-    if (sv < 0) {
-        *p++ = '-';
-        v = 0 - v;
-    }
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = tmp[--n];
-    return p;
-}
-
 /* splitmix64: a cheap mix so the digest differs from message to message. */
 static uint64_t mix(uint64_t x)
 {
@@ -309,9 +293,7 @@ static void on_accept(int lfd)
             }
             return;
         }
-        int one = 1;
-        /* Replies are already batched per read; Nagle would only delay them. */
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        set_nodelay(fd);   /* replies are already batched per read */
         struct sconn *c = calloc(1, sizeof *c);
         if (!c) {
             close(fd);
@@ -343,29 +325,14 @@ int main(int argc, char **argv)
         }
     }
 
-    struct sockaddr_in sa = {.sin_family = AF_INET};
-    char host[64];
-    const char *colon = strrchr(listen_s, ':');
-    if (!colon || (size_t)(colon - listen_s) >= sizeof host) {
-        fprintf(stderr, "stub: -listen wants IPv4 HOST:PORT\n");
-        return 2;
-    }
-    memcpy(host, listen_s, (size_t)(colon - listen_s));
-    host[colon - listen_s] = 0;
-    if (host[0] == 0 || strcmp(host, "localhost") == 0)
-        strcpy(host, "127.0.0.1");
-    sa.sin_port = htons((uint16_t)atoi(colon + 1));
-    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1 || sa.sin_port == 0) {
-        fprintf(stderr, "stub: bad -listen address %s\n", listen_s);
+    struct sockaddr_in sa;
+    if (parse_ipv4_addr(listen_s, &sa) < 0) {
+        fprintf(stderr, "stub: -listen wants IPv4 HOST:PORT, got %s\n", listen_s);
         return 2;
     }
 
     signal(SIGPIPE, SIG_IGN);
-    struct rlimit rl;   /* many connections need many descriptors */
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
+    raise_fd_limit();   /* many connections need many descriptors */
 
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;

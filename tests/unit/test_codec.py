@@ -1,4 +1,8 @@
-"""The scanner against the grammar, and chunking independence (no sockets)."""
+"""The scanner against the grammar, and chunking independence (no sockets).
+
+Every test runs on both implementations: the pure-Python reference and the
+compiled accelerator (tests/unit/implementations.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geventproxy.codec import ACK, INVALID, NAK, REQ, Counts, LineScanner, classify, count_block
+from geventproxy.codec import ACK, INVALID, NAK, REQ, Counts
+from tests.unit.implementations import IMPLEMENTATIONS
+
+pytestmark = pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 
 
 @pytest.mark.parametrize(
@@ -50,27 +57,27 @@ from geventproxy.codec import ACK, INVALID, NAK, REQ, Counts, LineScanner, class
     ],
     ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else str(v),
 )
-def test_classify(line: bytes, kind: int) -> None:
-    assert classify(line) == kind
+def test_classify(impl, line: bytes, kind: int) -> None:
+    assert impl.classify(line) == kind
     if line.endswith(b"\n"):
         # The fast block path and the line-by-line path agree.
         expected = [0, 0, 0, 0]
         expected[kind] = 1
-        assert count_block(line) == Counts(*expected)
-        assert count_block(line * 3) == Counts(*(3 * n for n in expected))
+        assert impl.count_block(line) == Counts(*expected)
+        assert impl.count_block(line * 3) == Counts(*(3 * n for n in expected))
 
 
-def test_protocol_example_counts() -> None:
+def test_protocol_example_counts(impl) -> None:
     stream = (
         b"REQ 3 Hey\nREQ 4 Hey\nREQ 5 Hey\nACK 3 What\nACK 4 What do you want\n"
         b"REQ 6 Hey\nNAK 5 Stop it\nNAK 6 Stop doing that\n"
     )
     # Data with spaces is not well-formed (the reference server rejects it too).
-    assert LineScanner().feed(stream) == Counts(req=4, ack=1, nak=0, invalid=3)
+    assert impl.LineScanner().feed(stream) == Counts(req=4, ack=1, nak=0, invalid=3)
 
 
-def test_split_message_counts_once() -> None:
-    scanner = LineScanner()
+def test_split_message_counts_once(impl) -> None:
+    scanner = impl.LineScanner()
     pieces = [b"RE", b"Q 1", b"2 ab", b"c", b"\r", b"\nACK 1", b"2 x\n"]
     got = [scanner.feed(p) for p in pieces]
     assert got[:5] == [Counts()] * 5
@@ -79,8 +86,8 @@ def test_split_message_counts_once() -> None:
     assert scanner.pending == 0
 
 
-def test_long_line_is_bounded_and_skipped() -> None:
-    scanner = LineScanner(max_line=16)
+def test_long_line_is_bounded_and_skipped(impl) -> None:
+    scanner = impl.LineScanner(max_line=16)
     assert scanner.feed(b"REQ 1 " + b"a" * 9) == Counts()  # 15 bytes held
     assert scanner.pending == 15
     assert scanner.feed(b"aa") == Counts(invalid=1)  # 17 > 16: counted once, dropped
@@ -92,21 +99,31 @@ def test_long_line_is_bounded_and_skipped() -> None:
     assert scanner.feed(b" c\n") == Counts(req=1)
 
 
-def test_line_exactly_at_limit() -> None:
+def test_line_exactly_at_limit(impl) -> None:
     line = b"REQ 1 " + b"a" * 9 + b"\n"  # 16 bytes with its LF
-    assert LineScanner(max_line=16).feed(line) == Counts(req=1)
-    assert LineScanner(max_line=15).feed(line) == Counts(invalid=1)
-    scanner = LineScanner(max_line=15)
+    assert impl.LineScanner(max_line=16).feed(line) == Counts(req=1)
+    assert impl.LineScanner(max_line=15).feed(line) == Counts(invalid=1)
+    scanner = impl.LineScanner(max_line=15)
     assert scanner.feed(line[:-1]) == Counts()
     assert scanner.feed(b"\n") == Counts(invalid=1)
+    scanner = impl.LineScanner(max_line=16)  # the same line, split: still exactly at the limit
+    assert scanner.feed(line[:7]) == Counts()
+    assert scanner.feed(line[7:]) == Counts(req=1)
+    assert scanner.feed(line[:-1]) == Counts()  # held: 15 bytes
+    assert scanner.feed(b"\n" + line) == Counts(req=2)
 
 
-def _whole(stream: bytes, max_line: int) -> Counts:
-    return LineScanner(max_line).feed(stream)
+def test_max_line_below_two_is_refused(impl) -> None:
+    with pytest.raises(ValueError):
+        impl.LineScanner(max_line=1)
 
 
-def _chunked(stream: bytes, cuts: list[int], max_line: int) -> Counts:
-    scanner = LineScanner(max_line)
+def _whole(impl, stream: bytes, max_line: int) -> Counts:
+    return impl.LineScanner(max_line).feed(stream)
+
+
+def _chunked(impl, stream: bytes, cuts: list[int], max_line: int) -> Counts:
+    scanner = impl.LineScanner(max_line)
     tally = [0, 0, 0, 0]
     prev = 0
     for cut in sorted(set(cuts)) + [len(stream)]:
@@ -153,23 +170,25 @@ _stream = st.lists(
 
 @settings(max_examples=400, deadline=None)
 @given(stream=_stream, data=st.data(), max_line=st.sampled_from([2, 8, 40, 65536]))
-def test_any_chunking_gives_the_same_counts(stream: bytes, data: st.DataObject, max_line: int):
+def test_any_chunking_gives_the_same_counts(
+    impl, stream: bytes, data: st.DataObject, max_line: int
+) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
-    assert _chunked(stream, cuts, max_line) == _whole(stream, max_line)
+    assert _chunked(impl, stream, cuts, max_line) == _whole(impl, stream, max_line)
 
 
 @settings(max_examples=200, deadline=None)
 @given(stream=_stream)
-def test_byte_at_a_time_equals_whole(stream: bytes) -> None:
-    assert _chunked(stream, list(range(len(stream))), 65536) == _whole(stream, 65536)
+def test_byte_at_a_time_equals_whole(impl, stream: bytes) -> None:
+    assert _chunked(impl, stream, list(range(len(stream))), 65536) == _whole(impl, stream, 65536)
 
 
 @settings(max_examples=300, deadline=None)
 @given(stream=_stream)
-def test_block_counts_match_line_oracle(stream: bytes) -> None:
+def test_block_counts_match_line_oracle(impl, stream: bytes) -> None:
     """The fast path agrees with classifying each complete line on its own."""
     complete = stream[: stream.rfind(b"\n") + 1]
     tally = [0, 0, 0, 0]
     for line in complete.split(b"\n")[:-1]:
-        tally[classify(line + b"\n")] += 1
-    assert count_block(complete) == Counts(*tally)
+        tally[impl.classify(line + b"\n")] += 1
+    assert impl.count_block(complete) == Counts(*tally)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from geventproxy import __version__
+from geventproxy import __version__, accel
 from geventproxy.config import (
     _FLAGS,
     ENV_PREFIX,
@@ -283,5 +283,7 @@ def test_unknown_environment_variables_are_named_with_the_likely_one() -> None:
 
 @pytest.mark.parametrize("flag", ["--version", "-version"])
 def test_cli_version(flag: str) -> None:
+    """The version line also says which counting implementation runs."""
     done = _cli(flag)
-    assert (done.returncode, done.stdout, done.stderr) == (0, f"geventproxy {__version__}\n", "")
+    expected = f"geventproxy {__version__} (counting: {accel.DESCRIPTION})\n"
+    assert (done.returncode, done.stdout, done.stderr) == (0, expected, "")

@@ -1,9 +1,16 @@
-"""Matching responses to requests, with an injected clock (no sockets)."""
+"""Matching responses to requests, with an injected clock (no sockets).
+
+Every test runs on both implementations (tests/unit/implementations.py).
+"""
 
 from __future__ import annotations
 
-from geventproxy.latency import RequestTimer
+import pytest
+
 from geventproxy.stats import Stats, latency_histogram, snapshot
+from tests.unit.implementations import IMPLEMENTATIONS
+
+pytestmark = pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 
 MS = 1_000_000
 
@@ -12,11 +19,11 @@ def _stats() -> Stats:
     return Stats(clock=lambda: 0)
 
 
-def test_pipelined_requests_are_matched_in_order() -> None:
+def test_pipelined_requests_are_matched_in_order(impl) -> None:
     """1. Chunks of 3 and 2 REQs sent at t=0 and t=1 ms. 2. Replies arrive 1 and 4 at a time.
     3. Each reply is timed against the chunk that holds its request."""
     stats = _stats()
-    timer = RequestTimer(stats)
+    timer = impl.timer(stats)
     timer.sent(0, (3, 0, 0, 0))
     timer.sent(1 * MS, (2, 0, 0, 0))
     timer.answered(5 * MS, (0, 1, 0, 0))  # 1st REQ: 5 ms
@@ -30,9 +37,9 @@ def test_pipelined_requests_are_matched_in_order() -> None:
     assert 4.0 <= report["latency_p50_ms"] <= 10.0
 
 
-def test_replies_without_requests_are_counted_not_fatal() -> None:
+def test_replies_without_requests_are_counted_not_fatal(impl) -> None:
     stats = _stats()
-    timer = RequestTimer(stats)
+    timer = impl.timer(stats)
     timer.answered(1 * MS, (0, 2, 0, 0))
     timer.sent(2 * MS, (1, 0, 0, 0))
     timer.answered(3 * MS, (0, 1, 1, 0))
@@ -40,23 +47,23 @@ def test_replies_without_requests_are_counted_not_fatal() -> None:
     assert report["latency_unmatched"] == 3 and report["latency_count"] == 1
 
 
-def test_memory_is_bounded_when_the_server_never_answers() -> None:
+def test_memory_is_bounded_when_the_server_never_answers(impl) -> None:
     """1. 10,000 chunks of REQs, no reply. 2. At most `limit` chunks are remembered;
     the rest are dropped and counted."""
     stats = _stats()
-    timer = RequestTimer(stats, limit=100)
+    timer = impl.timer(stats, limit=100)
     for i in range(10_000):
         timer.sent(i, (2, 0, 0, 0))
     assert len(timer) == 100
     assert snapshot([stats.block], 10_000)["latency_dropped"] == 2 * (10_000 - 100)
 
 
-def test_replies_to_dropped_requests_are_skipped_not_mismatched() -> None:
+def test_replies_to_dropped_requests_are_skipped_not_mismatched(impl) -> None:
     """1. limit=2 and three chunks of one REQ at 0, 1 and 2 ms: the first is dropped.
     2. Three replies at 10, 11, 12 ms: the first answers the dropped REQ and is not
        timed; the other two are timed against their own REQs: 10 ms each."""
     stats = _stats()
-    timer = RequestTimer(stats, limit=2)
+    timer = impl.timer(stats, limit=2)
     for t in (0, 1, 2):
         timer.sent(t * MS, (1, 0, 0, 0))
     for t in (10, 11, 12):

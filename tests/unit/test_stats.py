@@ -1,15 +1,23 @@
-"""Moving windows against a brute-force oracle, with an injected clock."""
+"""Moving windows against a brute-force oracle, with an injected clock.
+
+Every test runs on both writers of a block: ``Stats.record`` and the
+compiled accelerator's (tests/unit/implementations.py).
+"""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geventproxy.codec import Counts
 from geventproxy.sharedstats import SharedStats
 from geventproxy.stats import BUCKET_NS, Stats, new_block, set_pid, snapshot, worker_figures
+from tests.unit.implementations import IMPLEMENTATIONS
+
+pytestmark = pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 
 S = 1_000_000_000  # ns
 
@@ -34,9 +42,10 @@ class Oracle:
         return sum(1 for t in stamps if now - w * S < t <= now) / w
 
 
-def _feed(stats: Stats, oracle: Oracle, clock: FakeClock, req: int, resp: int) -> None:
-    stats.record(0, 10, Counts(req=req))
-    stats.record(1, 10, Counts(ack=resp - resp // 2, nak=resp // 2))
+def _feed(impl, stats: Stats, oracle: Oracle, clock: FakeClock, req: int, resp: int) -> None:
+    record = impl.record(stats)
+    record(0, 10, Counts(req=req))
+    record(1, 10, Counts(ack=resp - resp // 2, nak=resp // 2))
     oracle.req += [clock.now] * req
     oracle.resp += [clock.now] * resp
 
@@ -59,13 +68,13 @@ def _check(stats: Stats, oracle: Oracle, now: int) -> None:
             assert isinstance(got, float)
 
 
-def test_steady_traffic_within_one_percent() -> None:
+def test_steady_traffic_within_one_percent(impl) -> None:
     clock = FakeClock()
     stats, oracle = Stats(clock=clock), Oracle()
     worst = 0.0
     for _step in range(30_000):  # 30 s at one chunk of 3 REQ every ms, offset within the ms
         clock.now += BUCKET_NS
-        _feed(stats, oracle, clock, 3, 3)
+        _feed(impl, stats, oracle, clock, 3, 3)
         if _step % 997 == 0:
             report = snapshot([stats.block], clock.now)
             for w in (1, 10):
@@ -75,10 +84,10 @@ def test_steady_traffic_within_one_percent() -> None:
     _check(stats, oracle, clock.now)
 
 
-def test_zero_exactly_after_window_and_not_before() -> None:
+def test_zero_exactly_after_window_and_not_before(impl) -> None:
     clock = FakeClock(1000 * S + 123_456)  # mid-bucket
     stats, oracle = Stats(clock=clock), Oracle()
-    _feed(stats, oracle, clock, 5, 5)
+    _feed(impl, stats, oracle, clock, 5, 5)
     last = clock.now
     clock.now = last + S - 1
     assert snapshot([stats.block], clock.now)["request_rate_1s"] in (0.0, 5.0)
@@ -93,12 +102,12 @@ def test_zero_exactly_after_window_and_not_before() -> None:
     assert r["msg_req"] == 5 and r["msg_total"] == 10
 
 
-def test_gap_longer_than_ring_recycles_buckets() -> None:
+def test_gap_longer_than_ring_recycles_buckets(impl) -> None:
     clock = FakeClock()
     stats, oracle = Stats(clock=clock), Oracle()
-    _feed(stats, oracle, clock, 7, 7)
+    _feed(impl, stats, oracle, clock, 7, 7)
     clock.now += 10 * S  # exactly one ring later: same slot, stale stamp
-    _feed(stats, oracle, clock, 2, 1)
+    _feed(impl, stats, oracle, clock, 2, 1)
     r = snapshot([stats.block], clock.now)
     assert r["request_rate_1s"] == 2.0 and r["response_rate_1s"] == 1.0
     _check(stats, oracle, clock.now)
@@ -116,25 +125,25 @@ def test_gap_longer_than_ring_recycles_buckets() -> None:
     ),
     probes=st.lists(st.integers(0, 12 * S), min_size=1, max_size=5),
 )
-def test_random_steps_bursts_and_gaps(events, probes) -> None:
+def test_random_steps_bursts_and_gaps(impl, events, probes) -> None:
     clock = FakeClock(1000 * S + 777)
     stats, oracle = Stats(clock=clock), Oracle()
     for gap, req, resp in events:
         clock.now += gap
-        _feed(stats, oracle, clock, req, resp)
+        _feed(impl, stats, oracle, clock, req, resp)
         _check(stats, oracle, clock.now)
     end = clock.now
     for p in probes:
         _check(stats, oracle, end + p)
 
 
-def test_bucket_boundaries() -> None:
+def test_bucket_boundaries(impl) -> None:
     """Events on both sides of a millisecond edge, probed on the edge."""
     clock = FakeClock(500 * S)
     stats, oracle = Stats(clock=clock), Oracle()
     for t in (500 * S - 1, 500 * S, 500 * S + 1, 500 * S + BUCKET_NS - 1, 500 * S + BUCKET_NS):
         clock.now = t
-        _feed(stats, oracle, clock, 1, 1)
+        _feed(impl, stats, oracle, clock, 1, 1)
     # Every nanosecond around both edges, and a spread of probes between them (each
     # probe is a full snapshot: probing all million nanoseconds would take minutes).
     edges = (501 * S, 501 * S + BUCKET_NS)
@@ -144,7 +153,7 @@ def test_bucket_boundaries() -> None:
         _check(stats, oracle, probe)
 
 
-def test_blocks_sum() -> None:
+def test_blocks_sum(impl) -> None:
     clock = FakeClock()
     shared = SharedStats.create(2)  # a worker's block, in shared memory
     shared.give(1, worker=0, generation=1)
@@ -154,7 +163,7 @@ def test_blocks_sum() -> None:
     for _ in range(500):
         clock.now += rng.randrange(0, 5 * BUCKET_NS)
         n = rng.randrange(1, 4)
-        (a if rng.random() < 0.5 else b).record(0, 1, Counts(req=n))
+        impl.record(a if rng.random() < 0.5 else b)(0, 1, Counts(req=n))
         total += n
     one = snapshot([a.block], clock.now)
     two = snapshot([b.block], clock.now)
@@ -164,14 +173,14 @@ def test_blocks_sum() -> None:
         assert both[key] == one[key] + two[key]
 
 
-def test_counters_and_report_fields() -> None:
+def test_counters_and_report_fields(impl) -> None:
     clock = FakeClock()
     stats = Stats(clock=clock)
     stats.incr("connections_total")
     stats.incr("connections_active")
     stats.closed("client_reset")
-    stats.record(0, 100, Counts(req=2, invalid=1))
-    stats.record(1, 50, Counts(ack=1, nak=1))
+    impl.record(stats)(0, 100, Counts(req=2, invalid=1))
+    impl.record(stats)(1, 50, Counts(ack=1, nak=1))
     r = snapshot([stats.block], clock.now + S)
     assert r["msg_total"] == 4 and r["msg_invalid"] == 1
     assert (r["msg_req"], r["msg_ack"], r["msg_nak"]) == (2, 1, 1)
@@ -182,7 +191,7 @@ def test_counters_and_report_fields() -> None:
     assert r["uptime_s"] == 1.0
 
 
-def test_worker_figures_are_one_block_alone() -> None:
+def test_worker_figures_are_one_block_alone(impl) -> None:
     clock = FakeClock()
     shared = SharedStats.create(3)  # workers' blocks, in shared memory
     shared.give(1, worker=0, generation=1)
@@ -191,9 +200,9 @@ def test_worker_figures_are_one_block_alone() -> None:
     set_pid(mine.block, 4242)
     mine.incr("connections_total", 3)
     mine.incr("connections_active")
-    mine.record(0, 10, Counts(req=5))
-    mine.record(1, 10, Counts(ack=5))
-    other.record(0, 10, Counts(req=7))
+    impl.record(mine)(0, 10, Counts(req=5))
+    impl.record(mine)(1, 10, Counts(ack=5))
+    impl.record(other)(0, 10, Counts(req=7))
     assert worker_figures(mine.block) == {
         "pid": 4242,
         "connections_active": 1,
