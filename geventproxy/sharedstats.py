@@ -83,6 +83,7 @@ def fingerprint() -> int:
         stats.RING,
         stats.WINDOWS_S,
         stats.LATENCY_WINDOW_S,
+        sorted(stats.layout().items()),
         history.SLOTS,
         history.FIELDS,
     )
