@@ -35,6 +35,10 @@ DEFAULT_MAX_LINE = 64 * 1024
 """Longest line, LF included, that can be well-formed (the reference server's limit)."""
 
 REQ, ACK, NAK, INVALID = 0, 1, 2, 3
+_NOTHING = (0, 0, 0, 0)
+#: Bytes of an offending line kept for the log: more than the log shows (64),
+#: so that it can mark the line as cut.
+_EXCERPT = 80
 _TYPES = {b"REQ": REQ, b"ACK": ACK, b"NAK": NAK}
 _SEQ_MIN, _SEQ_MAX = -(2**63), 2**63 - 1
 
@@ -55,11 +59,24 @@ def _plain(pattern: str) -> re.Pattern[bytes]:
         return re.compile(pattern.replace("%", "").encode())
 
 
-_LINE = r"(?:REQ|ACK|NAK) [+-]?%[0-9]{1,18}%(?: [\x21-\x7e]*%)?%\r?%\n"
-_PLAIN_BLOCK = _plain(rf"(?:{_LINE})*%")
+# The grammar of the module docstring, one named fragment per rule, from which
+# every pattern below is built ("%" marks where a quantifier may be possessive).
+# The fast path's fragments are narrower than the rules: a seq of at most 18
+# digits always fits in 64 bits, and printable ASCII Data needs no UTF-8 check.
+_TYPE = r"(?:REQ|ACK|NAK)"
+_SP = " "
+_PLAIN_SEQ = r"[+-]?%[0-9]{1,18}%"
+_UNSIGNED_SEQ = r"[0-9]{1,18}%"
+_PLAIN_DATA = r"[\x21-\x7e]*%"
+_EOL = r"\r?%\n"
+_LINE = rf"{_TYPE}{_SP}{_PLAIN_SEQ}(?:{_SP}{_PLAIN_DATA})?%{_EOL}"
+_REQ_LINE = rf"REQ{_SP}{_PLAIN_SEQ}(?:{_SP}{_PLAIN_DATA})?%{_EOL}"
 # The shape nearly all traffic has (three fields, no sign, no CR): the same
 # lines as _LINE without its optional parts, which cost a third of its time.
-_COMMON_BLOCK = _plain(r"(?:(?:REQ|ACK|NAK) [0-9]{1,18}% [\x21-\x7e]*%\n)*%")
+_COMMON_LINE = rf"{_TYPE}{_SP}{_UNSIGNED_SEQ}{_SP}{_PLAIN_DATA}\n"
+_PLAIN_BLOCK = _plain(rf"(?:{_LINE})*%")
+_COMMON_BLOCK = _plain(rf"(?:{_COMMON_LINE})*%")
+# classify(): a seq of any length, its range checked afterwards.
 _SEQ = re.compile(rb"[+-]?[0-9]+")
 _BAD_DATA_CHARS = re.compile("[\x00-\x20\x7f]")
 
@@ -209,7 +226,7 @@ class LineScanner:
         return 0
 
 
-_PLAIN_REQS = _plain(r"(?:REQ [+-]?%[0-9]{1,18}%(?: [\x21-\x7e]*%)?%\r?%\n)*%")
+_PLAIN_REQS = _plain(rf"(?:{_REQ_LINE})*%")
 
 
 class StrictFilter:
@@ -218,36 +235,62 @@ class StrictFilter:
     For strict mode on the client side: ``feed`` returns the bytes that may be
     forwarded, the REQs among them, and, once a line breaks the rule, the
     start of that line (for the log). After a violation the filter must not
-    be fed again. An unfinished line is held, at most ``max_line`` bytes.
+    be fed again. An unfinished line is held, at most ``max_line`` bytes, in
+    pieces joined once when its LF comes (as LineScanner holds them), so a
+    line that trickles in byte by byte costs linear time.
     """
 
-    __slots__ = ("max_line", "_held")
+    __slots__ = ("max_line", "_held", "_held_len")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
-        self._held = b""
+        self._held: list[bytes] = []
+        self._held_len = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held now (never forwarded before its LF)."""
+        return self._held_len
 
     def feed(self, data: bytes) -> tuple[bytes, tuple[int, int, int, int], bytes | None]:
-        buf = self._held + data if self._held else data
-        last = buf.rfind(b"\n")
-        complete, rest = buf[: last + 1], buf[last + 1 :]
-        if len(complete) <= self.max_line and _PLAIN_REQS.fullmatch(complete):
-            good, reqs, violation = complete, complete.count(b"\n"), None
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._held.append(data)
+            self._held_len += len(data)
+            if self._held_len > self.max_line:
+                return b"", _NOTHING, self._release()[:_EXCERPT]
+            return b"", _NOTHING, None
+        if self._held:
+            self._held.append(data[: last + 1])
+            complete = self._release()
         else:
-            good, reqs, violation = complete, 0, None
-            start = 0
-            while start < len(complete):
-                end = complete.find(b"\n", start) + 1
-                line = complete[start:end]
-                if end - start > self.max_line or classify(line) != REQ:
-                    good, violation = complete[:start], line[:_EXCERPT]
-                    break
-                reqs += 1
-                start = end
-        if violation is None and len(rest) > self.max_line:
-            violation = rest[:_EXCERPT]
-        self._held = rest if violation is None else b""
+            complete = data[: last + 1]
+        good, reqs, violation = self._check(complete)
+        rest = data[last + 1 :]
+        if violation is None and rest:
+            if len(rest) > self.max_line:
+                violation = rest[:_EXCERPT]
+            else:
+                self._held.append(rest)
+                self._held_len = len(rest)
         return good, (reqs, 0, 0, 0), violation
 
+    def _release(self) -> bytes:
+        held = b"".join(self._held)
+        self._held.clear()
+        self._held_len = 0
+        return held
 
-_EXCERPT = 80
+    def _check(self, complete: bytes) -> tuple[bytes, int, bytes | None]:
+        """The good prefix of complete lines, its REQs, and the start of the first bad line."""
+        if len(complete) <= self.max_line and _PLAIN_REQS.fullmatch(complete):
+            return complete, complete.count(b"\n"), None
+        reqs = start = 0
+        while start < len(complete):
+            end = complete.find(b"\n", start) + 1
+            line = complete[start:end]
+            if end - start > self.max_line or classify(line) != REQ:
+                return complete[:start], reqs, line[:_EXCERPT]
+            reqs += 1
+            start = end
+        return complete, reqs, None
