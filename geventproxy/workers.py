@@ -98,6 +98,21 @@ def _fields(worker: Worker) -> dict:
     return {"worker": worker.slot, "pid": worker.pid, "generation": worker.generation.number}
 
 
+def _shared_stats(config: Config) -> tuple[SharedStats, Sampler | None]:
+    """The shared statistics file, the saved totals in it, and with --admin the
+    sampler of the live page's history into it."""
+    shared = SharedStats.create(1 + GENERATIONS * max(config.workers, os.cpu_count() or 1))
+    shared.set_serving(1)
+    baseline = load_baseline(config.state_file) if config.state_file else None
+    if baseline is not None:
+        shared.set_baseline(baseline)
+    if config.admin is None:
+        return shared, None
+    sampler = Sampler(History(shared.history), lambda: snapshot(shared.used(), time.monotonic_ns()))
+    sampler.start()
+    return shared, sampler
+
+
 class Supervisor:
     """Signals in, workers out: the loop, the signals' work, the state file, the history.
 
@@ -154,7 +169,7 @@ class Supervisor:
                     stack.callback(listener.close)
                     self.listeners.append(listener)
             raise_fd_limit()  # inherited by every worker
-            self._share(config)
+            self.shared, self.sampler = _shared_stats(config)
             admin = self.listeners[1] if config.admin is not None else None
             self.workers = WorkerSet(self.shared, self.listeners[0], admin, self.flags)
             self.restarts, self.reloads, self.reports = Restarts(self), Reloads(self), Reports(self)
@@ -168,18 +183,6 @@ class Supervisor:
                 self._turn()
         event(logging.INFO, "exit", status=self.status)
         return self.status
-
-    def _share(self, config: Config) -> None:
-        """The shared statistics file: the saved totals in it, the history sampled into it."""
-        self.shared = SharedStats.create(1 + GENERATIONS * max(config.workers, os.cpu_count() or 1))
-        self.shared.set_serving(self.generation.number)
-        baseline = load_baseline(config.state_file) if config.state_file else None
-        if baseline is not None:
-            self.shared.set_baseline(baseline)
-        if config.admin is not None:
-            snapshot_now = lambda: snapshot(self.shared.used(), time.monotonic_ns())  # noqa: E731
-            self.sampler = Sampler(History(self.shared.history), snapshot_now)
-            self.sampler.start()
 
     def _turn(self) -> None:
         """One pass of the loop: sleep until woken or due, then answer what came."""
