@@ -20,6 +20,7 @@ from geventproxy import accel
 from geventproxy.sharedstats import SharedStats
 from geventproxy.stats import Stats, new_block, snapshot
 from tests.helpers import REPO_ROOT
+from tests.unit.fakes import FakeClock, S
 from tests.unit.implementations import COMPILED, PURE, REFERENCE
 
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="the extension is not built")
@@ -32,8 +33,6 @@ _SCALE = float(os.environ.get("FUZZ_EXAMPLES_SCALE", "1"))
 def _examples(n: int) -> int:
     return max(25, int(n * _SCALE))
 
-
-S = 1_000_000_000
 
 # Pieces that stress the grammar's edges: types, signs, 64-bit limits, UTF-8
 # that Python's strict decoder refuses (overlong, surrogates, > U+10FFFF,
@@ -172,14 +171,6 @@ def test_scanner_takes_any_bytes_like() -> None:
         scanner.feed("REQ 1 a\n")
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000 * S + 123
-
-    def __call__(self) -> int:
-        return self.now
-
-
 _event = st.tuples(
     st.integers(0, 1),  # direction
     st.integers(0, 3 * S),  # clock step before the chunk
@@ -221,7 +212,7 @@ def test_meters_leave_identical_blocks(events, data, max_line, limit, shared) ->
     returns and held bytes agree after every chunk, and at the end the
     blocks are equal slot for slot (so are their reports).
     """
-    clock = _Clock()
+    clock = FakeClock(1000 * S + 123)
     sides, stores = [], []
     for impl in (REFERENCE, PURE, COMPILED):
         if shared:  # a worker's block, in the shared file
@@ -264,7 +255,7 @@ def test_meters_leave_identical_blocks(events, data, max_line, limit, shared) ->
 )
 def test_writers_agree_on_any_calls(calls) -> None:
     """Stats.record / observe_latency against the compiled writer, clock going back too."""
-    clock = _Clock()
+    clock = FakeClock(1000 * S + 123)
     stats = [Stats(clock=clock), Stats(clock=clock)]
     for what, direction, value, counts in calls:
         if what == "record":
@@ -296,7 +287,7 @@ def test_writer_refuses_a_block_that_does_not_fit() -> None:
 @needs_compiled
 def test_held_bytes_stay_bounded_under_an_endless_line() -> None:
     """A peer that never sends LF: the held start of the line never passes max_line."""
-    stats = Stats(clock=_Clock())
+    stats = Stats(clock=FakeClock(1000 * S + 123))
     meter = COMPILED.meter(0, 1000, COMPILED.timer(stats))
     lines = 0
     for _ in range(2000):

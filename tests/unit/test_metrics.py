@@ -21,8 +21,8 @@ from geventproxy.stats import (
     latency_histogram,
     snapshot,
 )
+from tests.unit.fakes import FakeClock, S
 
-S = 1_000_000_000
 KINDS = ("req", "ack", "nak", "invalid")
 
 # family name as the parser reports it (counters without _total) -> (type, label names)
@@ -58,18 +58,10 @@ FIELDS = {
 LATENCIES_US = [10, 11, 150, 150, 151, 999, 1000, 250_000, 10_000_000, 10_000_001, 60_000_000]
 
 
-class FakeClock:
-    def __init__(self, now: int = 5000 * S) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
 @pytest.fixture()
 def stats() -> Stats:
     """A block where every number differs, so a field shown under the wrong name shows."""
-    clock = FakeClock()
+    clock = FakeClock(5000 * S)
     stats = Stats(clock=clock)
     stats.record(0, 1000, Counts(req=7, ack=1, nak=2, invalid=3))
     stats.record(1, 2000, Counts(req=4, ack=5, nak=6, invalid=8))
@@ -186,7 +178,7 @@ def test_bucket_bounds_are_written_exactly() -> None:
 
 
 def test_empty_proxy_renders_zeros() -> None:
-    stats = Stats(clock=FakeClock())
+    stats = Stats(clock=FakeClock(5000 * S))
     _text, _report, families = _render(stats)
     family = families["geventproxy_upstream_response_seconds"]
     assert all(s.value == 0 for s in family.samples)

@@ -23,8 +23,8 @@ from geventproxy.stats import (
     persistent_totals,
     snapshot,
 )
+from tests.unit.fakes import FakeClock, S
 
-S = 1_000_000_000
 # Fields of a report that describe this process, not the history.
 PER_PROCESS = {
     "request_rate_1s",
@@ -37,14 +37,6 @@ PER_PROCESS = {
     "latency_p99_ms",
     *GAUGES,
 }
-
-
-class FakeClock:
-    def __init__(self, now: int = 7000 * S) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def _busy(clock: FakeClock) -> Stats:
@@ -77,7 +69,7 @@ def records() -> Iterator[list[logging.LogRecord]]:
 
 
 def test_totals_leave_out_gauges_windows_and_start() -> None:
-    totals = persistent_totals([_busy(FakeClock()).block])
+    totals = persistent_totals([_busy(FakeClock(7000 * S)).block])
     assert "connections_active" not in totals
     assert not any("rate" in key or "started" in key or "uptime" in key for key in totals)
     assert totals["msg_req_client_to_upstream"] == 30
@@ -88,7 +80,7 @@ def test_totals_leave_out_gauges_windows_and_start() -> None:
 
 
 def test_baseline_carries_totals_but_not_rates_or_uptime() -> None:
-    clock = FakeClock()
+    clock = FakeClock(7000 * S)
     old = snapshot([_busy(clock).block], clock.now)
     baseline = new_baseline(json.loads(json.dumps(persistent_totals([_busy(clock).block]))))
     clock.now += 5 * S  # a new process, started later
@@ -112,7 +104,7 @@ def test_baseline_carries_totals_but_not_rates_or_uptime() -> None:
 
 def test_baseline_twice_is_idempotent_in_a_chain() -> None:
     """A restart of a restart: the saved totals include the earlier baseline."""
-    clock = FakeClock()
+    clock = FakeClock(7000 * S)
     first = _busy(clock)
     baseline = new_baseline(persistent_totals([first.block]))
     second = _busy(clock)
@@ -144,21 +136,21 @@ def test_bad_totals_are_refused(bad: object) -> None:
 
 def test_unknown_and_missing_names() -> None:
     block = new_baseline({"msg_req_client_to_upstream": 5, "from_a_future_version": 9})
-    report = snapshot([Stats(clock=FakeClock()).block, block], 7000 * S)
+    report = snapshot([Stats(clock=FakeClock(7000 * S)).block, block], 7000 * S)
     assert report["msg_req"] == 5 and report["msg_ack"] == 0
 
 
 def test_latency_saved_with_other_bounds_is_dropped() -> None:
-    totals = persistent_totals([_busy(FakeClock()).block])
+    totals = persistent_totals([_busy(FakeClock(7000 * S)).block])
     totals["latency_bounds_us"] = [1, 2, 3]
     totals["latency_buckets"] = [1, 1, 1, 1]
-    report = snapshot([Stats(clock=FakeClock()).block, new_baseline(totals)], 7000 * S)
+    report = snapshot([Stats(clock=FakeClock(7000 * S)).block, new_baseline(totals)], 7000 * S)
     assert report["latency_count"] == 0
     assert report["msg_req"] == 30
 
 
 def test_envelope_round_trip_and_rejections() -> None:
-    totals = persistent_totals([_busy(FakeClock()).block])
+    totals = persistent_totals([_busy(FakeClock(7000 * S)).block])
     assert state.decode(state.encode(totals)) == totals
     for data in (
         b"",
@@ -220,7 +212,7 @@ def test_load_baseline_logs_one_line_and_never_raises(
     assert not path.exists() and (tmp_path / "state.json.corrupt").read_bytes() == corrupt
     assert records[0].fields["kept_as"] == f"{path}.corrupt"
     records.clear()
-    path.write_bytes(state.encode(persistent_totals([_busy(FakeClock()).block])))
+    path.write_bytes(state.encode(persistent_totals([_busy(FakeClock(7000 * S)).block])))
     block = state.load_baseline(str(path))
     assert block is not None
     assert snapshot([block], 0)["msg_req"] == 30

@@ -15,19 +15,10 @@ from hypothesis import strategies as st
 from geventproxy.codec import Counts
 from geventproxy.sharedstats import SharedStats
 from geventproxy.stats import BUCKET_NS, Stats, new_block, set_pid, snapshot, worker_figures
+from tests.unit.fakes import FakeClock, S
 from tests.unit.implementations import IMPLEMENTATIONS
 
 pytestmark = pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-
-S = 1_000_000_000  # ns
-
-
-class FakeClock:
-    def __init__(self, now: int = 1000 * S) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 class Oracle:
