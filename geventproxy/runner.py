@@ -55,12 +55,13 @@ def run(
     *,
     worker: int,
     admin_listener: socket.socket | None = None,
-    ready: Callable[[], None] = lambda: None,
+    notify: Callable[..., None] = lambda kind, text="": None,
 ) -> int:
     """Serve until TERM or USR2, counting into ``shared``'s ``block``; the exit status.
 
-    ``ready`` tells the parent this worker accepts. The admin endpoint, if
-    this worker is handed its socket, sums every used block of ``shared``.
+    ``notify`` tells the parent this worker accepts ("ready"), or has frozen
+    its block for a report ("frozen"). The admin endpoint, if this worker is
+    handed its socket, sums every used block of ``shared``.
     """
     setup(config.log_level, config.log_format, {"worker": worker})
     process.set_name(f"geventproxy w{worker}")
@@ -71,8 +72,9 @@ def run(
         # Workers share one listening socket and all wake for each new client: taking
         # one client per wake-up lets the least busy worker take the next one.
         server.max_accept = 1
-    stop, force, retire = Event(), Event(), Event()
-    signals.install(stop=stop.set, force=force.set, retire=lambda: (retire.set(), stop.set()))
+    stop, force, retire, freeze = Event(), Event(), Event(), Event()
+    retiring = lambda: (retire.set(), stop.set())  # noqa: E731
+    signals.install(stop=stop.set, force=force.set, retire=retiring, freeze=freeze.set)
     # The parent started this worker with these blocked; the handlers are in place now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDED_OVER)
     with contextlib.ExitStack() as stack:
@@ -84,12 +86,15 @@ def run(
         interval = min(HEARTBEAT_INTERVAL, config.worker_timeout / 4 or HEARTBEAT_INTERVAL)
         stack.enter_context(_background(_heartbeat, lambda: shared.beat(block), interval))
         stack.enter_context(_background(_stop_when_orphaned, os.getppid(), stop))
+        stack.enter_context(_background(_freezer, freeze, shared, block, notify))
         stack.callback(_drain, server, config, force)
         _log_serving(server, config)
-        ready()
+        notify("ready", __version__)
         stop.wait()
         if retire.is_set():
             admin.close()  # now, before the drain: the new workers answer it
+    # The interpreter's exit restores USR1's default action, which ends a process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     return 0
 
 
@@ -141,6 +146,16 @@ def _heartbeat(beat: Callable[[], None], interval: float) -> None:
     while True:
         beat()
         gevent.sleep(interval)
+
+
+def _freezer(wanted: Event, shared: SharedStats, block: int, notify: Callable[..., None]) -> None:
+    """Freeze the block when the parent asks (USR1): a greenlet runs between two
+    others, so never between two updates of one chunk or one connection."""
+    while True:
+        wanted.wait()
+        wanted.clear()
+        if shared.freeze(block):
+            notify("frozen")
 
 
 def _stop_when_orphaned(parent: int, stop: Event) -> None:

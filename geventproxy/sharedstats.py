@@ -19,6 +19,15 @@ generations, since each bucket is stamped with its time on the system-wide
 monotonic clock. Reports sum the used blocks: the parent's (USR1, the
 state file) and worker 0's (the admin endpoint) alike.
 
+A worker updates its block in several steps (a connection's close reason,
+then the active count; a chunk is sent, then counted), each done without
+yielding to another greenlet. A report of the parent must not catch it
+between two: so for USR1 the parent asks every worker for a frozen copy of
+its block, which the worker makes from its event loop, between greenlets,
+and sums those (``request_freeze``, ``freeze``, ``summed``). The report
+then holds everything any client had seen before the signal, and
+``connections_total`` equals ``connections_active`` plus the closed ones.
+
 A worker started from newer code on disk checks the layout fingerprint in
 the header first: a version that lays the file out differently cannot add
 into it, and refuses to start (the reload then fails and the running
@@ -34,15 +43,24 @@ import time
 import zlib
 
 from . import history, stats
-from .stats import BLOCK_SLOTS, Block, Stats, new_block, reset_gauges, set_pid, worker_figures
+from .stats import (
+    BLOCK_SLOTS,
+    ERROR,
+    Block,
+    Stats,
+    new_block,
+    reset_gauges,
+    set_pid,
+    worker_figures,
+)
 
 __all__ = ["BASELINE", "IncompatibleLayout", "SharedStats", "fingerprint"]
 
 _MAGIC = int.from_bytes(b"gpstats1", "little")
 _HEADER = 4  # the fields below
 _MAGIC_AT, _FINGERPRINT, _CAPACITY, _SERVING = range(_HEADER)
-_ROW = 4  # per block: the fields below
-USED, WORKER, GENERATION, HEARTBEAT = range(_ROW)
+_ROW = 6  # per block: the fields below
+USED, WORKER, GENERATION, HEARTBEAT, REQUESTED, FROZEN = range(_ROW)
 #: The block that holds the state file's totals; never given to a worker.
 BASELINE = 0
 
@@ -65,6 +83,7 @@ def fingerprint() -> int:
         stats.RING,
         stats.WINDOWS_S,
         stats.LATENCY_WINDOW_S,
+        sorted(stats.layout().items()),
         history.SLOTS,
         history.FIELDS,
     )
@@ -72,7 +91,8 @@ def fingerprint() -> int:
 
 
 def _words(capacity: int) -> int:
-    return _HEADER + capacity * (_ROW + BLOCK_SLOTS)
+    """The int64 words: header, rows, blocks, and a frozen copy of each block."""
+    return _HEADER + capacity * (_ROW + 2 * BLOCK_SLOTS)
 
 
 def _size(capacity: int) -> int:
@@ -90,11 +110,14 @@ class SharedStats:
         self._header = words[:_HEADER]
         rows_end = _HEADER + capacity * _ROW
         self._rows = [words[i : i + _ROW] for i in range(_HEADER, rows_end, _ROW)]
-        blocks_end = _words(capacity)
+        blocks_end = rows_end + capacity * BLOCK_SLOTS
         self.blocks: list[Block] = [
             words[i : i + BLOCK_SLOTS] for i in range(rows_end, blocks_end, BLOCK_SLOTS)
         ]
-        self.history = memoryview(self._map)[blocks_end * 8 :].cast("d")
+        self._frozen: list[Block] = [
+            words[i : i + BLOCK_SLOTS] for i in range(blocks_end, _words(capacity), BLOCK_SLOTS)
+        ]
+        self.history = memoryview(self._map)[_words(capacity) * 8 :].cast("d")
 
     @classmethod
     def create(cls, capacity: int) -> SharedStats:
@@ -152,9 +175,18 @@ class SharedStats:
         row[HEARTBEAT] = time.monotonic_ns()
 
     def release(self, index: int) -> None:
-        """Its worker has exited: what it counted stays, what it had open is gone."""
-        reset_gauges(self.blocks[index])
-        set_pid(self.blocks[index], 0)
+        """Its worker has exited: what it counted stays, what it had open is gone.
+
+        A worker that exits normally has closed every connection; one that died
+        (killed, crashed) leaves some open, which the kernel then resets: they
+        are closed as ``error``, so that every connection keeps one reason.
+        """
+        block = self.blocks[index]
+        stats = Stats(block, mark_start=False)
+        for _ in range(worker_figures(block)["connections_active"]):
+            stats.closed(ERROR)
+        reset_gauges(block)
+        set_pid(block, 0)
 
     def beat(self, index: int) -> None:
         """In a worker: its event loop is running."""
@@ -162,6 +194,32 @@ class SharedStats:
 
     def heartbeat(self, index: int) -> int:
         return self._rows[index][HEARTBEAT]
+
+    # -- a report's consistent view of a live worker ---------------------------
+
+    def request_freeze(self, index: int, request: int) -> None:
+        """In the parent: ask the worker writing ``index`` for a copy of its block."""
+        self._rows[index][REQUESTED] = request
+
+    def freeze(self, index: int) -> bool:
+        """In a worker, from its event loop (so between two updates, never inside
+        one): copy its block for the request pending, if any; whether it did."""
+        row = self._rows[index]
+        if row[REQUESTED] == row[FROZEN]:
+            return False
+        self._frozen[index][:] = self.blocks[index]
+        row[FROZEN] = row[REQUESTED]
+        return True
+
+    def summed(self, frozen: set[int]) -> list[Block]:
+        """The blocks of a report: the frozen copy of those in ``frozen``, else the block."""
+        return [
+            self._frozen[i] if i in frozen else block
+            for i, (row, block) in enumerate(zip(self._rows, self.blocks))
+            if row[USED]
+        ]
+
+    # -- the per-worker figures -----------------------------------------------
 
     def set_serving(self, generation: int) -> None:
         """The generation whose workers the per-worker figures show."""

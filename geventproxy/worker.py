@@ -3,8 +3,9 @@
 ``python -m geventproxy.worker HANDOFF... -- FLAGS...`` runs in a fresh
 interpreter, so a reload runs the code that is on disk now. It inherits
 from the parent the listening socket, the admin socket (worker 0 only), the
-shared statistics and a pipe on which it says it is ready; the HANDOFF
-options give their descriptor numbers. FLAGS are the parent's command line
+shared statistics and a pipe on which it tells the parent it is ready, and
+when it has frozen its statistics for a report; the HANDOFF options give
+their descriptor numbers. FLAGS are the parent's command line
 as given, and the environment the parent passes it holds the settings of
 its --env-file: the worker parses them with its own code and never reads
 the file (it may have changed since the parent read it).
@@ -20,6 +21,7 @@ import signal
 # USR1, HUP and INT are the parent's: one sent to the whole process group (a
 # closed terminal, Ctrl-C, `systemctl kill`) must not end a worker. The parent
 # started this interpreter with them blocked: ignore them before unblocking.
+# (Once it serves, a worker answers USR1 from the parent: see runner.py.)
 for _sig in (signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
     signal.signal(_sig, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGHUP, signal.SIGINT})
@@ -28,9 +30,8 @@ import logging  # noqa: E402 - after the signals, which must come first
 import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 
-from . import __version__  # noqa: E402
 from .config import ConfigError, load  # noqa: E402
 from .logs import LOGGER, event, setup  # noqa: E402
 from .sharedstats import IncompatibleLayout, SharedStats  # noqa: E402
@@ -51,10 +52,13 @@ def _handoff(argv: Sequence[str]) -> tuple[dict[str, int], list[str]]:
     return {name: int(options[name]) for name in HANDOFF}, argv[split + 1 :]
 
 
-def _notify(fd: int) -> None:
-    """Tell the parent this worker accepts (one short write: atomic on a pipe)."""
-    os.write(fd, f"ready {os.getpid()} {__version__}\n".encode())
-    os.close(fd)
+def _notifier(fd: int) -> Callable[..., None]:
+    """Tell the parent something, as one short line: atomic on a pipe."""
+
+    def notify(kind: str, text: str = "") -> None:
+        os.write(fd, f"{kind} {os.getpid()} {text}\n".encode())
+
+    return notify
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handoff["block"],
         worker=handoff["worker"],
         admin_listener=socket.socket(fileno=admin_fd) if admin_fd >= 0 else None,
-        ready=lambda: _notify(handoff["notify-fd"]),
+        notify=_notifier(handoff["notify-fd"]),
     )
 
 

@@ -46,7 +46,7 @@ from .logs import event, setup
 from .report import render, write_line
 from .sharedstats import SharedStats
 from .state import StateFile, load_baseline
-from .stats import persistent_totals, snapshot
+from .stats import Block, persistent_totals, snapshot
 from .workerset import Generation, Worker, WorkerSet
 
 __all__ = ["read_settings", "supervise"]
@@ -63,6 +63,8 @@ RESPAWN_DELAY = 1.0
 STOP_GRACE = 5.0
 #: How long the parent waits for stdout to take a statistics line before dropping it.
 REPORT_TIMEOUT = 1.0
+#: How long a report waits for the workers' frozen blocks (a stuck one's is summed as it is).
+FREEZE_TIMEOUT = 1.0
 #: Generations alive at once (one serving, the rest draining): the shared
 #: statistics have room for this many workers per worker slot.
 GENERATIONS = 4
@@ -96,11 +98,26 @@ def _fields(worker: Worker) -> dict:
     return {"worker": worker.slot, "pid": worker.pid, "generation": worker.generation.number}
 
 
+def _shared_stats(config: Config) -> tuple[SharedStats, Sampler | None]:
+    """The shared statistics file, the saved totals in it, and with --admin the
+    sampler of the live page's history into it."""
+    shared = SharedStats.create(1 + GENERATIONS * max(config.workers, os.cpu_count() or 1))
+    shared.set_serving(1)
+    baseline = load_baseline(config.state_file) if config.state_file else None
+    if baseline is not None:
+        shared.set_baseline(baseline)
+    if config.admin is None:
+        return shared, None
+    sampler = Sampler(History(shared.history), lambda: snapshot(shared.used(), time.monotonic_ns()))
+    sampler.start()
+    return shared, sampler
+
+
 class Supervisor:
-    """Signals in, workers out: the loop, the signals' work, the reports, the state file.
+    """Signals in, workers out: the loop, the signals' work, the state file, the history.
 
     What becomes of a worker that starts, dies or hangs is ``Restarts``'s
-    business; a HUP is ``Reloads``'s.
+    business; a HUP is ``Reloads``'s; the statistics lines are ``Reports``'.
     """
 
     def __init__(self, config: Config, env: dict[str, str], flags: Sequence[str]) -> None:
@@ -110,7 +127,6 @@ class Supervisor:
         self.status = 0
         self.state = StateFile(config.state_file) if config.state_file else None
         self.state_due = time.monotonic() + config.state_interval
-        self.report_due = time.monotonic() + config.report_interval
         self.sampler: Sampler | None = None
         self.listeners: list[socket.socket] = []
         self.signals: list[int] = []
@@ -153,12 +169,12 @@ class Supervisor:
                     stack.callback(listener.close)
                     self.listeners.append(listener)
             raise_fd_limit()  # inherited by every worker
-            self._share(config)
+            self.shared, self.sampler = _shared_stats(config)
             admin = self.listeners[1] if config.admin is not None else None
             self.workers = WorkerSet(self.shared, self.listeners[0], admin, self.flags)
-            self.restarts, self.reloads = Restarts(self), Reloads(self)
+            self.restarts, self.reloads, self.reports = Restarts(self), Reloads(self), Reports(self)
             # Unwound in reverse, whatever raised: the totals on disk, then the last line.
-            stack.callback(self.report)
+            stack.callback(self.reports.final)
             stack.callback(self.save_state)
             self._install()
             for slot in range(config.workers):
@@ -168,31 +184,16 @@ class Supervisor:
         event(logging.INFO, "exit", status=self.status)
         return self.status
 
-    def _share(self, config: Config) -> None:
-        """The shared statistics file: the saved totals in it, the history sampled into it."""
-        self.shared = SharedStats.create(1 + GENERATIONS * max(config.workers, os.cpu_count() or 1))
-        self.shared.set_serving(self.generation.number)
-        baseline = load_baseline(config.state_file) if config.state_file else None
-        if baseline is not None:
-            self.shared.set_baseline(baseline)
-        if config.admin is not None:
-            snapshot_now = lambda: snapshot(self.shared.used(), time.monotonic_ns())  # noqa: E731
-            self.sampler = Sampler(History(self.shared.history), snapshot_now)
-            self.sampler.start()
-
     def _turn(self) -> None:
         """One pass of the loop: sleep until woken or due, then answer what came."""
-        due = self.restarts.due()
-        config = self.generation.config
-        if self.state is not None and config.state_interval:
+        due = self.restarts.due() + self.reports.due()
+        if self.state is not None and self.generation.config.state_interval:
             due.append(self.state_due)
-        if config.report_interval:  # during the drain too: it shows the connections going
-            due.append(self.report_due)
         if self.sampler is not None:
             due.append(self.sampler.next_tick)
         timeout = max(0.0, min([TICK, *(d - time.monotonic() for d in due)]))
         try:
-            select.select([self._wake_r, self.workers.notices], [], [], timeout)
+            select.select([self._wake_r, self.workers.notices_fd], [], [], timeout)
         except OSError as exc:
             if exc.errno != errno.EINTR:
                 raise
@@ -201,38 +202,34 @@ class Supervisor:
                 pass
         except BlockingIOError:
             pass
-        for worker, version in self.workers.ready():  # before CHLD: it was ready, then died
-            self.restarts.on_ready(worker, version)
-            self.reloads.on_ready(worker, version)
+        for worker, kind, text in self.workers.notices():  # before CHLD: it said, then died
+            if kind == "ready":
+                self.restarts.on_ready(worker, text)
+                self.reloads.on_ready(worker, text)
+            else:
+                self.reports.on_frozen(worker)
         pending, self.signals = self.signals, []  # a swap: the handler loses nothing
         for sig in _coalesce(pending):
             self.handlers[sig]()
         now = time.monotonic()
         self.restarts.tick(now)
         self.reloads.tick()
-        self._periodic(now)
-
-    def _periodic(self, now: float) -> None:
-        """The state file, the report and the history sample, each when due."""
-        config = self.generation.config
-        writes = self.state is not None and config.state_interval and not self.stopping
-        if writes and now >= self.state_due:
+        self.reports.tick(now)
+        interval = self.generation.config.state_interval
+        if self.state is not None and interval and not self.stopping and now >= self.state_due:
             self.save_state()
-            self.state_due = now + config.state_interval
-        if config.report_interval and now >= self.report_due:
-            self.report()
-            while self.report_due <= now:  # a late turn skips what it missed, no burst
-                self.report_due += config.report_interval
+            self.state_due = now + interval
         if self.sampler is not None:
             self.sampler.tick()
 
     # -- the signals' work -------------------------------------------------------
 
     def handle_usr1(self) -> None:
-        self.report()
+        self.reports.ask()
 
     def handle_chld(self) -> None:
         for worker, status in self.workers.reap():
+            self.reports.on_exit(worker)
             self.restarts.on_exit(worker, status)
 
     def handle_hup(self) -> None:
@@ -257,15 +254,76 @@ class Supervisor:
         event(logging.INFO, "stopping workers", **fields)
         self.workers.send(serving, signal.SIGTERM)
 
-    def report(self) -> None:
-        line = render(snapshot(self.shared.used(), time.monotonic_ns()))
-        # Never block the parent on a stdout nobody reads: it must keep answering TERM.
-        if not write_line(sys.stdout.fileno(), line, REPORT_TIMEOUT):
-            event(logging.WARNING, "statistics line dropped: stdout is not being read")
-
     def save_state(self) -> None:
         if self.state is not None:
             self.state.save(persistent_totals(self.shared.used()))
+
+
+class Reports:
+    """The statistics lines: on USR1, every --report-interval, and the last at exit.
+
+    A line while workers count must not catch one between two updates: every
+    ready worker is asked (USR1) for a frozen copy of its block, made between
+    two of its greenlets (``sharedstats``), and the line sums those once all
+    have answered, or after FREEZE_TIMEOUT (a stuck worker's block is summed
+    as it is). A request while one waits is answered by it, as signals
+    coalesce anyway. The line then holds everything a client had seen before
+    the request, as a single process's would.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.parent = supervisor
+        self.request = 0
+        self.waiting: set[int] | None = None  # pids yet to freeze; None: nothing asked
+        self.frozen: set[int] = set()  # the blocks frozen for this request
+        self.deadline = float("inf")
+        self.interval_due = time.monotonic() + supervisor.generation.config.report_interval
+
+    def ask(self) -> None:
+        if self.waiting is not None:
+            return
+        ready = [w for w in self.parent.workers if w.ready and not w.killed]
+        self.request += 1
+        for worker in ready:
+            self.parent.shared.request_freeze(worker.block, self.request)
+        self.parent.workers.send(ready, signal.SIGUSR1)
+        self.waiting, self.frozen = {w.pid for w in ready}, set()
+        self.deadline = time.monotonic() + FREEZE_TIMEOUT
+
+    def on_frozen(self, worker: Worker) -> None:
+        if self.waiting is not None and worker.pid in self.waiting:
+            self.waiting.discard(worker.pid)
+            self.frozen.add(worker.block)
+
+    def on_exit(self, worker: Worker) -> None:
+        if self.waiting is not None:
+            self.waiting.discard(worker.pid)  # its block changes no more
+
+    def due(self) -> list[float]:
+        due = [] if self.waiting is None else [self.deadline]
+        if self.parent.generation.config.report_interval:  # during the drain too
+            due.append(self.interval_due)
+        return due
+
+    def tick(self, now: float) -> None:
+        interval = self.parent.generation.config.report_interval
+        if interval and now >= self.interval_due:
+            self.ask()
+            while self.interval_due <= now:  # a late turn skips what it missed, no burst
+                self.interval_due += interval
+        if self.waiting is not None and (not self.waiting or now >= self.deadline):
+            self.waiting = None
+            self.write(self.parent.shared.summed(self.frozen))
+
+    def final(self) -> None:
+        """At exit: the workers are gone and their blocks change no more."""
+        self.write(self.parent.shared.used())
+
+    def write(self, blocks: list[Block]) -> None:
+        line = render(snapshot(blocks, time.monotonic_ns()))
+        # Never block the parent on a stdout nobody reads: it must keep answering TERM.
+        if not write_line(sys.stdout.fileno(), line, REPORT_TIMEOUT):
+            event(logging.WARNING, "statistics line dropped: stdout is not being read")
 
 
 class Restarts:

@@ -5,7 +5,8 @@ supervisor's (``workers.py``). A worker is started with ``posix_spawn`` as
 ``python -m geventproxy.worker`` (a fresh interpreter, so the code on disk
 now) with the signals of ``HANDED_OVER`` blocked, and inherits the
 listening socket, the admin socket (worker 0 only), the shared statistics
-and the write end of a pipe on which it says ``ready``.
+and the write end of a pipe on which it says ``ready``, and ``frozen`` when
+it has frozen its block for a report.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class WorkerSet:
         self._listener = listener
         self._admin = admin
         self._workers: dict[int, Worker] = {}
-        self.notices, self._notify = os.pipe()
-        os.set_blocking(self.notices, False)
+        self.notices_fd, self._notify = os.pipe()
+        os.set_blocking(self.notices_fd, False)
         for fd in (listener.fileno(), shared.fd, self._notify):
             os.set_inheritable(fd, True)
         if admin is not None:
@@ -138,24 +139,27 @@ class WorkerSet:
                 gone.append((worker, os.waitstatus_to_exitcode(status)))
         return gone
 
-    def ready(self) -> list[tuple[Worker, str]]:
-        """Workers that said ``ready`` since the last call, with their version."""
+    def notices(self) -> list[tuple[Worker, str, str]]:
+        """What workers said since the last call: (worker, "ready", its version) once
+        it accepts, (worker, "frozen", "") when it has frozen its block for a report."""
         try:
-            while chunk := os.read(self.notices, 4096):
+            while chunk := os.read(self.notices_fd, 4096):
                 self._pending += chunk
         except BlockingIOError:
             pass
         *lines, self._pending = self._pending.split(b"\n")
         found = []
         for line in lines:
-            words = line.decode(errors="replace").split(" ", 2)
-            if len(words) != 3 or words[0] != "ready" or not words[1].isdigit():
-                continue  # not from a worker of this version: it will time out
-            worker = self._workers.get(int(words[1]))
-            version = words[2]
-            if worker is not None and not worker.ready:
+            kind, _, rest = line.decode(errors="replace").partition(" ")
+            pid, _, text = rest.partition(" ")
+            worker = self._workers.get(int(pid)) if pid.isdigit() else None
+            if worker is None or kind not in ("ready", "frozen"):
+                continue  # gone since, or not from a worker of this version
+            if kind == "ready":
+                if worker.ready:
+                    continue
                 worker.ready, worker.kill_at = True, float("inf")
-                found.append((worker, version))
+            found.append((worker, kind, text))
         return found
 
     def hung(self) -> list[Worker]:

@@ -23,11 +23,11 @@ from tests.unit.implementations import COMPILED
 )
 def test_start_line_names_the_implementation(foo_port: int, pure: str, expected: str) -> None:
     """1. Start the proxy with GEVENTPROXY_PURE set or empty.
-    2. Its worker's `serving` line names the implementation; one such line, not one per
-       client.
+    2. Its worker's `serving` line names the implementation; one such line, not one
+       per client.
     3. The reference client passes through it and the counts are exact."""
     with proxy(foo_port, env={accel.PURE_ENV: pure}) as p:
-        line = p.wait_log("serving")
+        line = p.wait_log(" serving ")
         assert f'counting="{expected}"' in line, line
         done = run_foo_client("-connect", f"127.0.0.1:{p.port}", "-requests", "50")
         assert done.returncode == 0, done.stdout + done.stderr

@@ -77,3 +77,32 @@ def test_the_baseline_is_summed_in_and_never_given_out() -> None:
     assert report["msg_req"] == 8
     assert report["request_rate_10s"] == 0.1  # the saved totals have no window
     assert BASELINE not in shared.free(held=set())
+
+
+def test_a_report_sums_the_copy_a_worker_froze_between_two_updates() -> None:
+    """1. The parent asks for request 1; the worker freezes its block (from its loop).
+    2. The worker goes on counting; a report of request 1 sums the frozen copy, not
+       the half-updated block. 3. A freeze nobody asked for copies nothing."""
+    shared = SharedStats.create(3)
+    shared.give(1, worker=0, generation=1)
+    stats = _written(shared, 1, 5)
+    assert shared.freeze(1) is False  # nothing asked yet
+    shared.request_freeze(1, 1)
+    assert shared.freeze(1) is True
+    assert shared.freeze(1) is False  # once per request
+    stats.closed("client_closed")  # half of a close: the active count comes next
+    live = snapshot(shared.summed(set()), NOW)
+    frozen = snapshot(shared.summed({1}), NOW)
+    assert live["connections_active"] + sum(live["connections_closed"].values()) == 2
+    assert frozen["connections_active"] + sum(frozen["connections_closed"].values()) == 1
+    assert frozen["connections_total"] == 1 and frozen["msg_req"] == 5
+
+
+def test_a_worker_that_died_with_connections_open_closes_them_as_errors() -> None:
+    shared = SharedStats.create(2)
+    shared.give(1, worker=0, generation=1)
+    _written(shared, 1, 5)  # one connection open
+    shared.release(1)
+    report = snapshot(shared.used(), NOW)
+    assert report["connections_active"] == 0 and report["connections_closed"]["error"] == 1
+    assert report["connections_total"] == sum(report["connections_closed"].values())
