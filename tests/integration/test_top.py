@@ -166,7 +166,7 @@ def test_top_in_tmux(foo_port: int, workers: int, tmux: Tmux) -> None:
     tmux.run("send-keys", "-t", "top", "q")
     sent = time.monotonic()
     try:
-        wait_until(lambda: tmux.exit_status() is not None, timeout=60)
+        wait_until(lambda: tmux.exit_status() is not None, timeout=5 + SLACK)
         print(f"q quit after {time.monotonic() - sent:.2f} s")
     except AssertionError:
         raise AssertionError(f"q did not quit; the screen:\n{tmux.screen()}") from None
