@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -35,10 +34,11 @@ _servers = itertools.count()
 class Tmux:
     """A tmux server of our own (its own socket, no user configuration) with one pane."""
 
-    def __init__(self) -> None:
+    def __init__(self, status_file: str) -> None:
         self.socket = f"geventproxy-test-{os.getpid()}-{next(_servers)}"
         self.env = subprocess_env() | {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         self.socket_path = ""
+        self.status_file = status_file
 
     def run(self, *args: str) -> str:
         done = subprocess.run(
@@ -52,6 +52,9 @@ class Tmux:
         return done.stdout
 
     def start(self, command: str, width: int, height: int) -> None:
+        # The pane's shell writes the exit status to a file: tmux may take seconds to
+        # notice that its child has exited (seen under load: a zombie nobody reaps).
+        command = f"{command}; echo $? > {self.status_file}"
         self.run("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height), command)
         self.run("set-option", "-t", "top", "remain-on-exit", "on")
         self.socket_path = self.run("display-message", "-p", "#{socket_path}").strip()
@@ -74,13 +77,13 @@ class Tmux:
         return last[0]
 
     def exit_status(self) -> int | None:
-        """The pane's exit status once its program has ended, else None."""
-        dead, _, status = (
-            self.run("list-panes", "-t", "top", "-F", "#{pane_dead} #{pane_dead_status}")
-            .strip()
-            .partition(" ")
-        )
-        return int(status) if dead == "1" and status else None
+        """The exit status of the pane's program once it has ended, else None."""
+        try:
+            with open(self.status_file) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.endswith("\n") else None
 
     def kill(self) -> None:
         command = ["tmux", "-L", self.socket, "kill-server"]
@@ -91,8 +94,8 @@ class Tmux:
 
 
 @pytest.fixture()
-def tmux() -> Iterator[Tmux]:
-    terminal = Tmux()
+def tmux(tmp_path) -> Iterator[Tmux]:
+    terminal = Tmux(str(tmp_path / "exit-status"))
     try:
         yield terminal
     finally:
@@ -164,10 +167,5 @@ def test_top_in_tmux(foo_port: int, workers: int, tmux: Tmux) -> None:
     screen = tmux.wait_screen(lambda s: "CANNOT REACH THE PROXY" in s)
     assert _line(screen, "requests/s"), "the last figures are gone"
     tmux.run("send-keys", "-t", "top", "q")
-    sent = time.monotonic()
-    try:
-        wait_until(lambda: tmux.exit_status() is not None, timeout=5 + SLACK)
-        print(f"q quit after {time.monotonic() - sent:.2f} s")
-    except AssertionError:
-        raise AssertionError(f"q did not quit; the screen:\n{tmux.screen()}") from None
+    wait_until(lambda: tmux.exit_status() is not None, timeout=SLACK)
     assert tmux.exit_status() == 0
