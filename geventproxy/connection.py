@@ -90,6 +90,8 @@ class Connection:
 
     # -- running ---------------------------------------------------------------
 
+    # Long for a reason: its two closures share the connection's state (the parked
+    # client side restarts through them), and the finally must see all of it.
     def run(
         self,
         hub: Hub,

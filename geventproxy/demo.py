@@ -23,6 +23,7 @@ def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+# Long but flat: the demo's steps in order, as a user would run them.
 def main() -> int:
     _step("starting the reference Foo server")
     server = start_foo_server()

@@ -190,6 +190,7 @@ def _processes(out: _Writer, processes: Sequence[tuple[str | None, Figures]]) ->
             out.sample(name, getattr(figures, field), labels, prefix="process_")
 
 
+# Long but flat: one metric family after another, in the order of the exposition.
 def render_prometheus(
     report: Mapping[str, Any],
     histogram: tuple[list[int], int],

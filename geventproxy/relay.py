@@ -187,6 +187,8 @@ def _send_rest(
         readable.start(getcurrent().switch)
 
 
+# Long by design: the hot path, kept in one frame so that every name it uses is a
+# local (a helper call per chunk would cost more than some of the steps it holds).
 def _copy(
     hub: Hub,
     direction: int,

@@ -37,6 +37,68 @@ __all__ = ["ProxyServer", "format_address", "make_listener", "open_listener"]
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 
 
+def _log_close(conn: Connection, reason: str) -> None:
+    t = conn.tally
+    event(
+        logging.INFO,
+        "close",
+        conn=conn.id,
+        peer=conn.peer,
+        reason=reason,
+        duration_s=round(time.monotonic() - conn.started, 3),
+        bytes_in=t.bytes[CLIENT_TO_UPSTREAM],
+        bytes_out=t.bytes[UPSTREAM_TO_CLIENT],
+        lines_in=t.lines[CLIENT_TO_UPSTREAM],
+        lines_out=t.lines[UPSTREAM_TO_CLIENT],
+    )
+
+
+class AcceptPause:
+    """Out of descriptors: stop watching the listener for a while instead of spinning.
+
+    The pause doubles from the server's ``accept_retry_min`` up to its
+    ``accept_retry_max`` while failures go on, and starts again from the
+    minimum only once a client is really served (``served``): an accept that
+    succeeds while the upstream socket cannot be made is no recovery.
+    """
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.retry = server.accept_retry_min
+        self.timer: Any = None  # at most one pending resume
+        self._log = RateLimit(5.0)
+
+    def pause(self, exc: OSError, what: str = "accept failed") -> None:
+        suppressed = self._log.allow()
+        if suppressed is not None:
+            event(
+                logging.ERROR,
+                f"{what}, pausing",
+                error=exc.strerror,
+                retry_s=self.retry,
+                suppressed=suppressed,
+            )
+        self.server.stop_accepting()
+        if self.timer is not None:
+            return  # already paused: a second timer would resume early, losing the back-off
+        self.timer = self.server.loop.timer(self.retry)
+        self.timer.start(self._resume)
+        self.retry = min(self.retry * 2, self.server.accept_retry_max)
+
+    def served(self) -> None:
+        self.retry = self.server.accept_retry_min
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+
+    def _resume(self) -> None:
+        self.cancel()
+        if not self.server.closed:
+            self.server.start_accepting()
+
+
 class ProxyServer(StreamServer):
     """The proxy's listener. Tunables are the Config fields and the attributes below.
 
@@ -67,9 +129,7 @@ class ProxyServer(StreamServer):
         self.stats = stats
         self.connections: set[Connection] = set()
         self._next_id = 0
-        self._accept_retry = self.accept_retry_min
-        self._resume_timer: Any = None  # at most one pending resume of accepting
-        self._accept_log = RateLimit(5.0)
+        self.accept_pause = AcceptPause(self)
         self._refuse_log = RateLimit(5.0)
         self.dialer = Dialer(config.forward, config.connect_timeout, stats)
         self.sweeper: Sweeper | None = None  # made at start(), from the tunables as set then
@@ -85,33 +145,9 @@ class ProxyServer(StreamServer):
             if exc.errno not in RESOURCE_ERRNOS:
                 raise
             self.stats.incr("accept_errors")
-            self._pause_accepting(exc)
+            self.accept_pause.pause(exc)
             return None
         return result
-
-    def _pause_accepting(self, exc: OSError, what: str = "accept failed") -> None:
-        """Out of descriptors: stop watching the listener for a while instead of spinning."""
-        suppressed = self._accept_log.allow()
-        if suppressed is not None:
-            event(
-                logging.ERROR,
-                f"{what}, pausing",
-                error=exc.strerror,
-                retry_s=self._accept_retry,
-                suppressed=suppressed,
-            )
-        self.stop_accepting()
-        if self._resume_timer is not None:
-            return  # already paused: a second timer would resume early, losing the back-off
-        timer = self._resume_timer = self.loop.timer(self._accept_retry)
-        timer.start(self._resume_accepting, timer)
-        self._accept_retry = min(self._accept_retry * 2, self.accept_retry_max)
-
-    def _resume_accepting(self, timer: Any) -> None:
-        timer.close()
-        self._resume_timer = None
-        if not self.closed:
-            self.start_accepting()
 
     # -- one connection ------------------------------------------------------
 
@@ -160,15 +196,13 @@ class ProxyServer(StreamServer):
             # The proxy's own shortage: count it with the accept failures and stop
             # taking clients (which would only be closed in turn) for a while.
             self.stats.incr("accept_errors")
-            self._pause_accepting(exc.error, "no descriptor for the upstream connection")
+            self.accept_pause.pause(exc.error, "no descriptor for the upstream connection")
             conn.reason = ERROR
             return None
         if sock is None:
             conn.reason = UPSTREAM_UNAVAILABLE
             return None
-        # The back-off restarts only once a client is really served: an accept that
-        # succeeds while the upstream socket cannot be made is no recovery.
-        self._accept_retry = self.accept_retry_min
+        self.accept_pause.served()
         return sock
 
     def _relay(self, conn: Connection, client: socket.socket, upstream: socket.socket) -> None:
@@ -188,19 +222,7 @@ class ProxyServer(StreamServer):
                 line=escape(conn.tally.violation or b""),
             )
         if config.log_connections:
-            t = conn.tally
-            event(
-                logging.INFO,
-                "close",
-                conn=conn.id,
-                peer=conn.peer,
-                reason=reason,
-                duration_s=round(time.monotonic() - conn.started, 3),
-                bytes_in=t.bytes[CLIENT_TO_UPSTREAM],
-                bytes_out=t.bytes[UPSTREAM_TO_CLIENT],
-                lines_in=t.lines[CLIENT_TO_UPSTREAM],
-                lines_out=t.lines[UPSTREAM_TO_CLIENT],
-            )
+            _log_close(conn, reason)
 
     # -- start and stop --------------------------------------------------------
 
@@ -226,9 +248,7 @@ class ProxyServer(StreamServer):
         hold during a drain) and ends by itself with the last of them.
         """
         super().close()
-        if self._resume_timer is not None:
-            self._resume_timer.close()
-            self._resume_timer = None
+        self.accept_pause.cancel()
 
     def drain(self, timeout: float) -> int:
         """Stop accepting, let connections finish for ``timeout``, then close the rest.

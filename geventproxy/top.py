@@ -126,6 +126,7 @@ def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+# Long but flat: the screen from top to bottom, one block of rows after another.
 def render(
     view: View, width: int, height: int, now: float, unicode: bool = True
 ) -> list[tuple[str, str]]:

@@ -204,6 +204,7 @@ def run(
     return result
 
 
+# Long but flat: one argument declaration after another.
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m geventproxy.testing.client",

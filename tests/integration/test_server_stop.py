@@ -61,10 +61,10 @@ def test_close_stops_the_resume_timer_and_the_sweeper_ends_with_the_last_connect
     try:
         client = _served_client(proxy.server_port, 1)
         assert proxy.sweeper.running
-        proxy._pause_accepting(OSError(errno.EMFILE, "Too many open files"))
-        assert proxy._resume_timer is not None
+        proxy.accept_pause.pause(OSError(errno.EMFILE, "Too many open files"))
+        assert proxy.accept_pause.timer is not None
         proxy.close()
-        assert proxy._resume_timer is None
+        assert proxy.accept_pause.timer is None
         gevent.sleep(proxy.accept_retry_min * 3)
         assert proxy.closed
         assert proxy.sweeper.running  # one connection is still open
