@@ -424,10 +424,16 @@ def _variable(name: str) -> str:
     return ENV_PREFIX + name.upper().replace("-", "_")
 
 
+#: GEVENTPROXY_* variables that are not flags: PURE (accel.PURE_ENV) chooses the
+#: pure-Python counting code, read once at import.
+NOT_FLAGS = ["PURE"]
+
+
 def unknown_environment(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """Each GEVENTPROXY_* variable that names no flag (a typo is silently ignored
     otherwise), with the known variable it most resembles, if any."""
     known = [_variable(name).removeprefix(ENV_PREFIX) for name, *_ in _FLAGS]
+    known += NOT_FLAGS
     unknown = []
     for var in sorted(env):
         name = var.removeprefix(ENV_PREFIX)

@@ -287,3 +287,11 @@ def test_cli_version(flag: str) -> None:
     done = _cli(flag)
     expected = f"geventproxy {__version__} (counting: {accel.DESCRIPTION})\n"
     assert (done.returncode, done.stdout, done.stderr) == (0, expected, "")
+
+
+def test_the_pure_switch_is_a_known_variable() -> None:
+    assert accel.PURE_ENV == ENV_PREFIX + "PURE"
+    assert unknown_environment({accel.PURE_ENV: "1"}) == []
+    assert unknown_environment({ENV_PREFIX + "PUER": "1"}) == [
+        (ENV_PREFIX + "PUER", accel.PURE_ENV)
+    ]
