@@ -109,10 +109,21 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``, from /proc (none once it has exited)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(child) for child in f.read().split())
+    except OSError:
+        pass  # exited meanwhile
+    return found
+
+
 def worker_pids(p: Proxy) -> list[int]:
     """The proxy's worker processes: the parent's children, which serve the clients."""
-    with open(f"/proc/{p.proc.pid}/task/{p.proc.pid}/children") as f:
-        return [int(pid) for pid in f.read().split()]
+    return children(p.proc.pid)
 
 
 def worker_pid(p: Proxy) -> int:
@@ -129,12 +140,7 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         found.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as f:
-                    todo.extend(int(child) for child in f.read().split())
-        except OSError:
-            pass  # exited meanwhile
+        todo.extend(children(current))
     return found
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    children,
     connect,
     proxy,
     recv_lines,
@@ -89,11 +90,6 @@ def _comm(pid: int) -> str:
         return f.read().strip()
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(child) for child in f.read().split()]
-
-
 def test_workers_name_themselves_in_ps_and_in_every_log_line(foo_port: int) -> None:
     """1. -workers=2: `ps -o comm` shows geventproxy for the parent, geventproxy wN each worker.
     2. Each worker's lines carry worker=N: serving, the connections, draining, exit.
@@ -103,7 +99,7 @@ def test_workers_name_themselves_in_ps_and_in_every_log_line(foo_port: int) -> N
         # Each worker names itself as it starts, a moment after the fork.
         wait_until(
             lambda: (
-                sorted(_comm(pid) for pid in _children(p.pid))
+                sorted(_comm(pid) for pid in children(p.pid))
                 == ["geventproxy w0", "geventproxy w1"]
             ),
             timeout=15,
@@ -131,7 +127,7 @@ def test_the_default_parent_and_worker_name_themselves_and_log_ipv4_peers_as_ipv
        logged as 127.0.0.1:PORT, not [::ffff:127.0.0.1]:PORT."""
     with proxy(foo_port, "-log-format=json", "-listen=[::ffff:127.0.0.1]:0") as p:
         assert _comm(p.pid) == "geventproxy"
-        (worker,) = _children(p.pid)
+        (worker,) = children(p.pid)
         wait_until(lambda: _comm(worker) == "geventproxy w0")
         client = connect(p.port)
         with client:
