@@ -12,6 +12,9 @@
  *   Meter(direction, max_line, timer)              as meter.Meter: account(data) scans
  *       one forwarded chunk, updates the counters and windows, and times the
  *       REQs and replies, in one call.
+ *   copy(...)                                      as relay._copy: the copy loop itself,
+ *       recv and send on the descriptors into one buffer, the accounting in
+ *       place, the same hub waits, outcomes and partial-send path.
  *
  * Bounds: a scanner holds at most max_line bytes of an unfinished line; a
  * timer at most limit + 1 entries; every slot index into the statistics
@@ -27,8 +30,10 @@
 #include <Python.h>
 #include "structmember.h"
 
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 enum { K_REQ = 0, K_ACK = 1, K_NAK = 2, K_INVALID = 3 };
@@ -989,29 +994,44 @@ static void Meter_dealloc(MeterObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *Meter_account(MeterObject *self, PyObject *data)
+/* The work of account(): scan, count and time n bytes; *lines gets the lines completed. */
+static int meter_account(MeterObject *self, const unsigned char *p, Py_ssize_t n, int64_t *lines)
 {
-    bytes_arg a;
     int64_t c[4] = {0, 0, 0, 0}, now;
+    if (scan_feed(&self->scan, p, n, c) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    TimerObject *t = self->timer;
+    if (w_record(t->writer, self->direction, n, c, &now) < 0)
+        return -1;
+    if (now &&
+        (self->direction == 0 ? t_sent(t, now, c[0]) : t_answered(t, now, c[1] + c[2])) < 0)
+        return -1;
+    /* Lines, well-formed or not: a Foo server answers each one. */
+    *lines = c[0] + c[1] + c[2] + c[3];
+    return 0;
+}
+
+static int meter_ready(MeterObject *self)
+{
     if (self->timer == NULL || t_ready(self->timer) < 0) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "Meter is not initialised");
-        return NULL;
+        return -1;
     }
-    if (bytes_arg_get(data, &a) < 0)
+    return 0;
+}
+
+static PyObject *Meter_account(MeterObject *self, PyObject *data)
+{
+    bytes_arg a;
+    int64_t lines;
+    if (meter_ready(self) < 0 || bytes_arg_get(data, &a) < 0)
         return NULL;
-    int rc = scan_feed(&self->scan, a.p, a.n, c);
+    int rc = meter_account(self, a.p, a.n, &lines);
     bytes_arg_release(&a);
-    if (rc < 0)
-        return PyErr_NoMemory();
-    TimerObject *t = self->timer;
-    if (w_record(t->writer, self->direction, a.n, c, &now) < 0)
-        return NULL;
-    if (now &&
-        (self->direction == 0 ? t_sent(t, now, c[0]) : t_answered(t, now, c[1] + c[2])) < 0)
-        return NULL;
-    /* Lines, well-formed or not: a Foo server answers each one. */
-    return PyLong_FromLongLong(c[0] + c[1] + c[2] + c[3]);
+    return rc < 0 ? NULL : PyLong_FromLongLong(lines);
 }
 
 static PyObject *Meter_pending(MeterObject *self, void *closure)
@@ -1041,12 +1061,192 @@ static PyTypeObject MeterType = {
 };
 
 /* ------------------------------------------------------------------------ */
+/* copy(): relay._copy with the socket calls and the accounting in C.        */
+
+/* One buffer for the process: a chunk lives in it only from its recv to the
+ * end of its accounting, with no greenlet switch in between; a partial send
+ * is finished from a bytes copy of the chunk, in Python (relay._send_rest). */
+static unsigned char *copy_buf;
+static Py_ssize_t copy_buf_size;
+static PyObject *owed_name;   /* "owed", interned */
+
+/* The errnos of relay._RESETS: ConnectionResetError, BrokenPipeError (EPIPE,
+ * ESHUTDOWN), ConnectionAbortedError, TimeoutError. */
+static int is_reset(int err)
+{
+    return err == ECONNRESET || err == EPIPE || err == ESHUTDOWN || err == ECONNABORTED ||
+           err == ETIMEDOUT;
+}
+
+/* list[i] += d, for the Tally's two-item lists of ints. */
+static int list_add(PyObject *list, Py_ssize_t i, int64_t d)
+{
+    if (!PyList_CheckExact(list) || PyList_GET_SIZE(list) != 2) {
+        PyErr_SetString(PyExc_TypeError, "expected a list of two counters");
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    PyObject *obj = PyLong_FromLongLong(v + d);
+    if (obj == NULL)
+        return -1;
+    PyObject *old = PyList_GET_ITEM(list, i);
+    PyList_SET_ITEM(list, i, obj);
+    Py_DECREF(old);
+    return 0;
+}
+
+/* lines[1] >= tally.owed: the client has half-closed and has every reply (1), or not (0). */
+static int answered(PyObject *tally, PyObject *lines)
+{
+    PyObject *owed = PyObject_GetAttr(tally, owed_name);
+    if (owed == NULL)
+        return -1;
+    int r = PyObject_RichCompareBool(PyList_GET_ITEM(lines, 1), owed, Py_GE);
+    Py_DECREF(owed);
+    return r;
+}
+
+static PyObject *outcome(PyObject *outcomes, int k)
+{
+    PyObject *o = PyTuple_GET_ITEM(outcomes, k);
+    Py_INCREF(o);
+    return o;
+}
+
+enum { O_EOF, O_SRC_ERROR, O_DST_ERROR, O_ERROR, O_PARKED, O_ANSWERED, O_COUNT };
+
+/* The outcome of relay._send_rest's exception, as relay._failed maps it; NULL to raise it. */
+static PyObject *send_rest_failed(PyObject *outcomes)
+{
+    if (PyErr_ExceptionMatches(PyExc_ConnectionResetError) ||
+        PyErr_ExceptionMatches(PyExc_BrokenPipeError) ||
+        PyErr_ExceptionMatches(PyExc_ConnectionAbortedError) ||
+        PyErr_ExceptionMatches(PyExc_TimeoutError)) {
+        PyErr_Clear();
+        return outcome(outcomes, O_DST_ERROR);
+    }
+    if (PyErr_ExceptionMatches(PyExc_OSError)) {
+        PyErr_Clear();
+        return outcome(outcomes, O_ERROR);
+    }
+    return NULL;
+}
+
+/* copy(wait, src_fd, dst_fd, meter, tally, direction, bufsize, send_rest, park, outcomes)
+ *   wait       hub.switch: returns when the source's readability watcher fires
+ *   tally      relay.Tally: its bytes and lines lists are added to, owed is read
+ *   send_rest  send_rest(data, sent) finishes a partial send (relay._send_rest)
+ *   park       the exception (relay.Park) that asks the loop to return PARKED
+ *   outcomes   (eof, source error, destination error, "error", PARKED, ANSWERED)
+ * The steps, their order and the outcomes are relay._copy's. */
+static PyObject *accel_copy(PyObject *module, PyObject *args)
+{
+    PyObject *wait, *meter_obj, *tally, *send_rest, *park, *outcomes;
+    int src, dst, direction;
+    Py_ssize_t bufsize;
+    if (!PyArg_ParseTuple(args, "OiiO!OinOOO!:copy", &wait, &src, &dst, &MeterType, &meter_obj,
+                          &tally, &direction, &bufsize, &send_rest, &park, &PyTuple_Type,
+                          &outcomes))
+        return NULL;
+    if (PyTuple_GET_SIZE(outcomes) != O_COUNT || bufsize < 1 || (direction != 0 && direction != 1)) {
+        PyErr_SetString(PyExc_ValueError, "copy: bad outcomes, bufsize or direction");
+        return NULL;
+    }
+    MeterObject *meter = (MeterObject *)meter_obj;
+    if (meter_ready(meter) < 0)
+        return NULL;
+    PyObject *moved = PyObject_GetAttrString(tally, "bytes");
+    PyObject *lines = moved == NULL ? NULL : PyObject_GetAttrString(tally, "lines");
+    PyObject *result = NULL;
+    if (lines == NULL)
+        goto done;
+    if (bufsize > copy_buf_size) {
+        unsigned char *grown = PyMem_Realloc(copy_buf, (size_t)bufsize);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        copy_buf = grown;
+        copy_buf_size = bufsize;
+    }
+    for (;;) {
+        PyObject *r = PyObject_CallNoArgs(wait);   /* resumed when src is readable */
+        if (r == NULL) {
+            if (PyErr_ExceptionMatches(park)) {
+                PyErr_Clear();
+                result = outcome(outcomes, O_PARKED);
+            }
+            goto done;
+        }
+        Py_DECREF(r);
+        ssize_t n;
+        while ((n = recv(src, copy_buf, (size_t)bufsize, 0)) < 0 && errno == EINTR)
+            if (PyErr_CheckSignals() < 0)
+                goto done;
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                continue;
+            result = outcome(outcomes, is_reset(errno) ? O_SRC_ERROR : O_ERROR);
+            goto done;
+        }
+        if (n == 0) {
+            shutdown(dst, SHUT_WR);   /* the peer sees the half-close; an error does not matter */
+            result = outcome(outcomes, O_EOF);
+            goto done;
+        }
+        /* Forward first, at once. */
+        ssize_t sent;
+        while ((sent = send(dst, copy_buf, (size_t)n, MSG_NOSIGNAL)) < 0 && errno == EINTR)
+            if (PyErr_CheckSignals() < 0)
+                goto done;
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                result = outcome(outcomes, is_reset(errno) ? O_DST_ERROR : O_ERROR);
+                goto done;
+            }
+            sent = 0;
+        }
+        /* Then count, before finishing a partial send (see relay._copy). */
+        int64_t completed;
+        if (list_add(moved, direction, n) < 0 || meter_account(meter, copy_buf, n, &completed) < 0 ||
+            list_add(lines, direction, completed) < 0)
+            goto done;
+        if (sent < n) {   /* wait for writability, in Python */
+            PyObject *data = PyBytes_FromStringAndSize((const char *)copy_buf, n);
+            if (data == NULL)
+                goto done;
+            r = PyObject_CallFunction(send_rest, "Nn", data, (Py_ssize_t)sent);
+            if (r == NULL) {
+                result = send_rest_failed(outcomes);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
+        int k = answered(tally, lines);
+        if (k < 0)
+            goto done;
+        if (k) {
+            result = outcome(outcomes, O_ANSWERED);
+            goto done;
+        }
+    }
+done:
+    Py_XDECREF(moved);
+    Py_XDECREF(lines);
+    return result;
+}
+
+/* ------------------------------------------------------------------------ */
 
 static PyMethodDef module_methods[] = {
     {"classify", (PyCFunction)accel_classify, METH_O,
      "REQ (0), ACK (1), NAK (2) or INVALID (3) for one complete line (LF included)."},
     {"count_block", (PyCFunction)accel_count_block, METH_VARARGS,
      "The (req, ack, nak, invalid) counts of a run of complete lines."},
+    {"copy", (PyCFunction)accel_copy, METH_VARARGS,
+     "relay._copy with recv, send and the accounting in C; returns the outcome."},
     {NULL}};
 
 static struct PyModuleDef accel_module = {
@@ -1061,6 +1261,9 @@ PyMODINIT_FUNC PyInit__accel(void)
 {
     PyTypeObject *types[] = {&ScannerType, &WriterType, &TimerType, &MeterType};
     const char *names[] = {"LineScanner", "StatsWriter", "RequestTimer", "Meter"};
+    owed_name = PyUnicode_InternFromString("owed");
+    if (owed_name == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&accel_module);
     if (m == NULL)
         return NULL;

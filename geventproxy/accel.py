@@ -18,7 +18,15 @@ from .latency import RequestTimer
 from .meter import Meter
 from .stats import LATENCY_BOUNDS_US, Stats, layout
 
-__all__ = ["COMPILED", "DESCRIPTION", "PURE_ENV", "new_meter", "new_timer", "writer_for"]
+__all__ = [
+    "COMPILED",
+    "DESCRIPTION",
+    "PURE_ENV",
+    "copy_loop",
+    "new_meter",
+    "new_timer",
+    "writer_for",
+]
 
 PURE_ENV = "GEVENTPROXY_PURE"
 
@@ -38,6 +46,8 @@ def _load() -> tuple[Any, str]:
 
 _native, DESCRIPTION = _load()
 COMPILED = _native is not None
+#: relay._copy compiled (recv, send and the accounting in C), or None on the pure path.
+copy_loop = _native.copy if COMPILED else None
 
 
 def writer_for(stats: Stats) -> Any:

@@ -21,10 +21,12 @@ Per chunk, as measured to matter on a 2-core machine:
 from __future__ import annotations
 
 import socket
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 from greenlet import getcurrent
 
+from .accel import copy_loop
 from .codec import Counts, StrictFilter
 from .stats import (
     CLIENT_CLOSED,
@@ -138,6 +140,19 @@ def relay(
     try:
         if isinstance(d.scanner, StrictFilter):
             outcome = _copy_strict(hub, d, stats, tally, bufsize)
+        elif copy_loop is not None:  # _copy compiled: the same steps and outcomes
+            outcome = copy_loop(
+                hub.switch,
+                d.src.fileno(),
+                d.dst.fileno(),
+                d.scanner,
+                tally,
+                d.index,
+                bufsize,
+                partial(_send_rest, hub, readable, d.writable, d.dst.send),
+                Park,
+                (*_OUTCOMES[d.index], ERROR, PARKED, ANSWERED),
+            )
         else:
             # On 3.11+ a Python-to-Python call runs in the caller's C frame, so a
             # parked greenlet saves less stack (3.9 and 3.10 nest a C frame per call).
@@ -207,6 +222,10 @@ def _copy(
     upstream-to-client loop once the client has half-closed and the last
     reply it is owed has been sent in full (the client-to-upstream loop has
     returned by then, so the check never fires there).
+
+    ``copy()`` in ``_accel.c`` is this loop compiled, used when the
+    accelerator is: a change to these steps must be made there too
+    (tests/integration/test_copy_loops.py runs both on the same sockets).
     """
     eof, src_error, dst_error = _OUTCOMES[direction]
     wait_readable = hub.switch  # returns when ``readable`` fires (see relay())
