@@ -185,7 +185,10 @@ def test_soak_mixed_clients_with_reports(foo_port: int) -> None:
         signaller.join()
 
         assert not load.errors, load.errors[:10]
-        wait_until(lambda: len(p.stdout_lines) >= signals[0], timeout=15)
+        try:
+            wait_until(lambda: len(p.stdout_lines) >= signals[0], timeout=15)
+        except AssertionError:
+            raise AssertionError(f"{signals[0]} signals, {len(p.stdout_lines)} lines") from None
         time.sleep(0.3)  # a late extra line would show up now
         reports = stdout_reports(p)
         assert len(reports) == signals[0]
@@ -198,7 +201,10 @@ def test_soak_mixed_clients_with_reports(foo_port: int) -> None:
         assert final["msg_invalid_client_to_upstream"] == load.garbage_lines
         assert final["msg_invalid_upstream_to_client"] == 0
         assert final["connections_total"] == 1 + load.connections
-        wait_until(lambda: open_fds(p.pid) == fds, timeout=15)
+        try:
+            wait_until(lambda: open_fds(p.pid) == fds, timeout=15)
+        except AssertionError:
+            raise AssertionError(f"descriptors: {fds} before, {open_fds(p.pid)} now") from None
         growth = tree_rss_kib(p.pid) - warm_rss
         print(
             f"soak {SOAK_SECONDS:g} s: {load.connections} connections, {load.reqs} REQs, "
