@@ -482,6 +482,18 @@ def _read_digest(sock: socket.socket) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+def _assert_held_back(
+    record_property, name: str, rss: tuple[int, int], stalled: int, received: tuple[int, str]
+) -> None:
+    """The sender stalled, the proxy's RSS (baseline, peak) stayed bounded, all arrived in order."""
+    baseline, peak = rss
+    record_property(f"{name.replace(' ', '_')}_rss_kib", (baseline, peak, stalled))
+    print(f"{name}: RSS {baseline} -> {peak} KiB, stalled at {stalled} B")
+    assert stalled < PUSH_CHUNKS * 65536
+    assert peak - baseline < RSS_GROWTH_LIMIT_KIB
+    assert received == (PUSH_CHUNKS * 65536, pattern_digest(PUSH_CHUNKS))
+
+
 def test_slow_reader_backpressure_bounded_memory(record_property) -> None:
     """An upstream pushes 64 MiB to a client that does not read.
 
@@ -500,15 +512,10 @@ def test_slow_reader_backpressure_bounded_memory(record_property) -> None:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             peak = _watch_rss(p, progress)
             stalled = progress[0]
-            total, digest = _read_digest(client)
+            received = _read_digest(client)
         upstream.result()
-        record_property("slow_reader_rss_kib", (baseline, peak, stalled))
-        print(f"slow reader: RSS {baseline} -> {peak} KiB, stalled at {stalled} B")
-        assert stalled < PUSH_CHUNKS * 65536
-        assert peak - baseline < RSS_GROWTH_LIMIT_KIB
-        assert total == PUSH_CHUNKS * 65536
-        assert digest == pattern_digest(PUSH_CHUNKS)
-        assert idle_report(p)["bytes_upstream_to_client"] == total
+        _assert_held_back(record_property, "slow reader", (baseline, peak), stalled, received)
+        assert idle_report(p)["bytes_upstream_to_client"] == received[0]
 
 
 def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:
@@ -529,15 +536,10 @@ def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:
             writer.start()
             peak = _watch_rss(p, progress)
             stalled = progress[0]
-            total, digest = _read_digest(up)
+            received = _read_digest(up)
             up.close()
             writer.join(IO_TIMEOUT)
-        record_property("slow_upstream_rss_kib", (baseline, peak, stalled))
-        print(f"slow upstream: RSS {baseline} -> {peak} KiB, stalled at {stalled} B")
-        assert stalled < PUSH_CHUNKS * 65536
-        assert peak - baseline < RSS_GROWTH_LIMIT_KIB
-        assert total == PUSH_CHUNKS * 65536
-        assert digest == pattern_digest(PUSH_CHUNKS)
+        _assert_held_back(record_property, "slow upstream", (baseline, peak), stalled, received)
 
 
 def test_tcp_keepalive_is_on_for_both_sockets() -> None:
