@@ -18,65 +18,63 @@ import sys
 
 from .testing.launch import run_foo_client, start_foo_server, start_proxy
 
+#: The reference client's runs through the proxy: a title, its flags.
+RUNS = (
+    ("one client, as in the task", []),
+    ("20 clients at once", ["-connections=20"]),
+    ("5 pipelined clients, 50 requests in flight each", ["-connections=5", "-window=50"]),
+)
+#: The REQs those runs send: 100 for each of their connections.
+EXPECTED_REQS = 100 + 20 * 100 + 5 * 100
+#: The statistics shown again one to a line after the JSON.
+READABLE = (
+    "msg_total",
+    "msg_req",
+    "msg_ack",
+    "msg_nak",
+    "msg_invalid",
+    "request_rate_1s",
+    "request_rate_10s",
+    "response_rate_1s",
+    "response_rate_10s",
+    "connections_total",
+    "latency_p50_ms",
+    "latency_p99_ms",
+)
+
 
 def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-# Long but flat: the demo's steps in order, as a user would run them.
 def main() -> int:
     _step("starting the reference Foo server")
-    server = start_foo_server()
-    print(f"server listening on 127.0.0.1:{server.port}")
-    proxy = None
-    try:
+    with start_foo_server() as server:
+        print(f"server listening on 127.0.0.1:{server.port}")
         _step("starting geventproxy in front of it")
-        proxy = start_proxy(f"127.0.0.1:{server.port}", "-log-connections=false")
-        print(
-            f"$ python -m geventproxy -listen=127.0.0.1:{proxy.port} "
-            f"-forward=127.0.0.1:{server.port}"
-        )
-        runs = [
-            ("one client, as in the task", []),
-            ("20 clients at once", ["-connections=20"]),
-            ("5 pipelined clients, 50 requests in flight each", ["-connections=5", "-window=50"]),
-        ]
-        ok = True
-        for title, args in runs:
-            _step(f"reference client through the proxy: {title}")
-            result = run_foo_client(f"-connect=127.0.0.1:{proxy.port}", *args)
-            print(result.stdout, end="")
-            print(result.stderr, end="", file=sys.stderr)
-            ok = ok and result.returncode == 0
-        _step("kill -USR1 <proxy>: the statistics, one JSON line on stdout")
-        report = proxy.report()
-        print(json.dumps(report, separators=(",", ":")))
-        print("\nthe same, readable:")
-        for key in (
-            "msg_total",
-            "msg_req",
-            "msg_ack",
-            "msg_nak",
-            "msg_invalid",
-            "request_rate_1s",
-            "request_rate_10s",
-            "response_rate_1s",
-            "response_rate_10s",
-            "connections_total",
-            "latency_p50_ms",
-            "latency_p99_ms",
-        ):
-            print(f"  {key:20} {report[key]}")
-        expected = 100 + 20 * 100 + 5 * 100
-        ok = ok and report["msg_req"] == expected
-        _step("kill -TERM <proxy>: drain and exit")
-        status = proxy.stop()
-        print(f"proxy exited with status {status}")
-        return 0 if ok and status == 0 else 1
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        server.stop()
+        with start_proxy(server.port, "-log-connections=false") as proxy:
+            print(
+                f"$ python -m geventproxy -listen=127.0.0.1:{proxy.port} "
+                f"-forward=127.0.0.1:{server.port}"
+            )
+            ok = True
+            for title, args in RUNS:
+                _step(f"reference client through the proxy: {title}")
+                result = run_foo_client(f"-connect=127.0.0.1:{proxy.port}", *args)
+                print(result.stdout, end="")
+                print(result.stderr, end="", file=sys.stderr)
+                ok = ok and result.returncode == 0
+            _step("kill -USR1 <proxy>: the statistics, one JSON line on stdout")
+            report = proxy.report()
+            print(json.dumps(report, separators=(",", ":")))
+            print("\nthe same, readable:")
+            for key in READABLE:
+                print(f"  {key:20} {report[key]}")
+            ok = ok and report["msg_req"] == EXPECTED_REQS
+            _step("kill -TERM <proxy>: drain and exit")
+            status = proxy.stop()
+            print(f"proxy exited with status {status}")
+    return 0 if ok and status == 0 else 1
 
 
 if __name__ == "__main__":

@@ -190,7 +190,38 @@ def _processes(out: _Writer, processes: Sequence[tuple[str | None, Figures]]) ->
             out.sample(name, getattr(figures, field), labels, prefix="process_")
 
 
-# Long but flat: one metric family after another, in the order of the exposition.
+def _traffic(out: _Writer, report: Mapping[str, Any]) -> None:
+    out.family(
+        "messages_total",
+        "counter",
+        "Foo messages forwarded, by direction and type; "
+        "type=invalid counts lines that are not well-formed (forwarded all the same).",
+    )
+    for direction in DIRECTIONS:
+        for kind in MSG_KINDS:
+            out.sample(
+                "messages_total",
+                report[f"msg_{kind}_{direction}"],
+                {"direction": direction, "type": kind},
+            )
+    out.family("bytes_total", "counter", "Bytes forwarded, by direction.")
+    for direction in DIRECTIONS:
+        out.sample("bytes_total", report[f"bytes_{direction}"], {"direction": direction})
+
+
+def _connections(out: _Writer, report: Mapping[str, Any]) -> None:
+    """connections_active, the plain counters, and the closed connections by reason."""
+    out.family("connections_active", "gauge", "Client connections open now.")
+    out.sample("connections_active", report["connections_active"])
+    for name, field, text in _COUNTERS:
+        out.family(name, "counter", text)
+        out.sample(name, report[field])
+    out.family("connections_closed_total", "counter", "Client connections closed, by the reason.")
+    closed = report["connections_closed"]
+    for reason in CLOSE_REASONS:
+        out.sample("connections_closed_total", closed[reason], {"reason": reason})
+
+
 def render_prometheus(
     report: Mapping[str, Any],
     histogram: tuple[list[int], int],
@@ -212,34 +243,8 @@ def render_prometheus(
     out.sample("build_info", 1, {"version": __version__})
     out.family("uptime_seconds", "gauge", "Seconds since the proxy started.")
     out.sample("uptime_seconds", float(report["uptime_s"]))
-
-    out.family(
-        "messages_total",
-        "counter",
-        "Foo messages forwarded, by direction and type; "
-        "type=invalid counts lines that are not well-formed (forwarded all the same).",
-    )
-    for direction in DIRECTIONS:
-        for kind in MSG_KINDS:
-            out.sample(
-                "messages_total",
-                report[f"msg_{kind}_{direction}"],
-                {"direction": direction, "type": kind},
-            )
-    out.family("bytes_total", "counter", "Bytes forwarded, by direction.")
-    for direction in DIRECTIONS:
-        out.sample("bytes_total", report[f"bytes_{direction}"], {"direction": direction})
-
-    out.family("connections_active", "gauge", "Client connections open now.")
-    out.sample("connections_active", report["connections_active"])
-    for name, field, text in _COUNTERS:
-        out.family(name, "counter", text)
-        out.sample(name, report[field])
-    out.family("connections_closed_total", "counter", "Client connections closed, by the reason.")
-    closed = report["connections_closed"]
-    for reason in CLOSE_REASONS:
-        out.sample("connections_closed_total", closed[reason], {"reason": reason})
-
+    _traffic(out, report)
+    _connections(out, report)
     counts, sum_us = histogram
     _histogram(out, "upstream_response_seconds", counts, sum_us)
 

@@ -4,7 +4,8 @@ A client's handler owns its two sockets: it opens the upstream (upstream.py),
 runs the connection (connection.py: two copy loops, the handler running one
 itself and joining the greenlet of the other), and closes both sockets only
 after both loops have returned. An error on one connection ends that
-connection alone; the listener never sees it. Deadlines are the sweeper's
+connection alone; the listener never sees it. Who gets in, and the count
+of open connections, is admission.py's; deadlines are the sweeper's
 (sweeper.py).
 """
 
@@ -21,6 +22,7 @@ import gevent.socket
 from gevent.pool import Group
 from gevent.server import StreamServer
 
+from .admission import Admission
 from .config import Config, format_address
 from .connection import Connection
 from .listeners import make_listener, open_listener
@@ -37,14 +39,25 @@ __all__ = ["ProxyServer", "format_address", "make_listener", "open_listener"]
 _CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 
 
-def _log_close(conn: Connection, reason: str) -> None:
+def _log_end(conn: Connection, log_connections: bool) -> None:
+    """A strict-mode violation at warning level; the close line if connections are logged."""
+    if conn.reason == STRICT_VIOLATION:
+        event(
+            logging.WARNING,
+            "client broke strict mode",
+            conn=conn.id,
+            peer=conn.peer,
+            line=escape(conn.tally.violation or b""),
+        )
+    if not log_connections:
+        return
     t = conn.tally
     event(
         logging.INFO,
         "close",
         conn=conn.id,
         peer=conn.peer,
-        reason=reason,
+        reason=conn.reason,
         duration_s=round(time.monotonic() - conn.started, 3),
         bytes_in=t.bytes[CLIENT_TO_UPSTREAM],
         bytes_out=t.bytes[UPSTREAM_TO_CLIENT],
@@ -127,10 +140,9 @@ class ProxyServer(StreamServer):
         super().__init__(listener, spawn=self.handlers.spawn)
         self.config = config
         self.stats = stats
-        self.connections: set[Connection] = set()
-        self._next_id = 0
+        self.admission = Admission(stats, config.max_connections)
+        self.connections = self.admission.connections  # the sweeper's and the drain's view
         self.accept_pause = AcceptPause(self)
-        self._refuse_log = RateLimit(5.0)
         self.dialer = Dialer(config.forward, config.connect_timeout, stats)
         self.sweeper: Sweeper | None = None  # made at start(), from the tunables as set then
 
@@ -152,16 +164,9 @@ class ProxyServer(StreamServer):
     # -- one connection ------------------------------------------------------
 
     def handle(self, client: Any, address: Any) -> None:
-        stats = self.stats
-        limit = self.config.max_connections
-        if limit and len(self.connections) >= limit:
-            self._refuse(address, limit)
-            return  # the server closes the client socket
-        self._next_id += 1
-        conn = Connection(self._next_id, format_address(address))
-        self.connections.add(conn)
-        stats.incr("connections_total")
-        stats.incr("connections_active")
+        conn = self.admission.admit(address)
+        if conn is None:
+            return  # past the limit: the server closes the client socket
         client_sock = upstream = None
         try:
             client_sock = plain_socket(client, self.send_buffer)
@@ -169,25 +174,12 @@ class ProxyServer(StreamServer):
             if upstream is not None:
                 self._relay(conn, client_sock, upstream)
         finally:
-            # Every connection counted in connections_total gets exactly one reason.
-            stats.closed(conn.reason or ERROR)
-            if upstream is not None:
-                upstream.close()
-            (client if client_sock is None else client_sock).close()
-            self.connections.discard(conn)
-            stats.incr("connections_active", -1)
-
-    def _refuse(self, address: Any, limit: int) -> None:
-        self.stats.incr("connections_refused")
-        suppressed = self._refuse_log.allow()
-        if suppressed is not None:
-            event(
-                logging.WARNING,
-                "connection refused: limit reached",
-                peer=format_address(address),
-                max_connections=limit,
-                suppressed=suppressed,
-            )
+            try:
+                if upstream is not None:
+                    upstream.close()
+                (client if client_sock is None else client_sock).close()
+            finally:
+                self.admission.release(conn)  # its one close reason
 
     def _dial(self, conn: Connection) -> socket.socket | None:
         try:
@@ -209,20 +201,10 @@ class ProxyServer(StreamServer):
         config, stats, hub = self.config, self.stats, gevent.get_hub()
         if config.log_connections:
             event(logging.INFO, "open", conn=conn.id, peer=conn.peer, upstream=str(config.forward))
-        reason = conn.run(
+        conn.reason = conn.run(  # counted by handle(), once the sockets are closed
             hub, client, upstream, stats, config.max_line, self.buffer_size, config.strict
         )
-        conn.reason = reason  # counted by handle(), once the sockets are closed
-        if reason == STRICT_VIOLATION:
-            event(
-                logging.WARNING,
-                "client broke strict mode",
-                conn=conn.id,
-                peer=conn.peer,
-                line=escape(conn.tally.violation or b""),
-            )
-        if config.log_connections:
-            _log_close(conn, reason)
+        _log_end(conn, config.log_connections)
 
     # -- start and stop --------------------------------------------------------
 

@@ -126,7 +126,6 @@ def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-# Long but flat: the screen from top to bottom, one block of rows after another.
 def render(
     view: View, width: int, height: int, now: float, unicode: bool = True
 ) -> list[tuple[str, str]]:
@@ -135,10 +134,19 @@ def render(
     Styles: "title", "alert", "head", "" (plain). What does not fit is left
     out from the bottom up; the sparklines narrow with the terminal.
     """
-    arrow = "→" if unicode else "->"
-    lines: list[tuple[str, str]] = []
+    lines = _heading(view, width, now, unicode) + _sparklines(view, width, unicode)
+    if view.stats is not None:
+        lines += _totals(view, view.stats, width, unicode)
+    footer = "q quits · refreshed every second" if unicode else "q quits | refreshed every second"
+    lines = [(text[:width], style) for text, style in lines[: max(0, height - 1)]]
+    if height >= 2:
+        lines += [("", "")] * (height - 1 - len(lines)) + [(footer[:width], "head")]
+    return lines
+
+
+def _heading(view: View, width: int, now: float, unicode: bool) -> list[tuple[str, str]]:
+    """The title line (a narrow terminal drops the address, then the uptime), then the alert."""
     stats = view.stats
-    # The title; a narrow terminal drops the address, then the uptime.
     name = f"geventproxy {view.version}".rstrip()
     health = None
     if view.health is not None and not view.error:
@@ -151,7 +159,7 @@ def render(
         if len(title) + len(clock) + 1 <= width:
             break
     title = title[: max(0, width - len(clock) - 1)]
-    lines.append((title + " " * (width - len(title) - len(clock)) + clock, "title"))
+    lines = [(title + " " * (width - len(title) - len(clock)) + clock, "title")]
     if view.error:
         since = _clock(view.failing_since or now)
         last = f"figures below are from {_clock(view.last_ok)}" if view.last_ok else "no data yet"
@@ -164,16 +172,18 @@ def render(
         lines.append((f"unhealthy: {view.health[1]}", "alert"))
     else:
         lines.append(("", ""))
+    return lines
 
+
+def _sparklines(view: View, width: int, unicode: bool) -> list[tuple[str, str]]:
+    """One row per ROWS entry: the current value, and the last minute if the width allows."""
     label_w, value_w = 16, 10
     spark_w = min(MINUTE, width - label_w - value_w - 2 - 10)
     samples = list(view.samples)
+    head = f"{'':{label_w}}{'now':>{value_w}}"
     if spark_w >= 10:
-        lines.append(
-            (f"{'':{label_w}}{'now':>{value_w}}  last minute, one column a second", "head")
-        )
-    else:
-        lines.append((f"{'':{label_w}}{'now':>{value_w}}", "head"))
+        head += "  last minute, one column a second"
+    lines = [(head, "head")]
     blocks = BLOCKS if unicode else ASCII_BLOCKS
     for label, key, scale, fmt in ROWS:
         values = [None if s[key] is None else s[key] * scale for s in samples]
@@ -184,59 +194,45 @@ def render(
             line += "  " + sparkline(values, spark_w, blocks)
             line += f" max {_number(top, fmt)}" if top is not None else ""
         lines.append((line, ""))
+    return lines
 
-    if stats is not None:
-        lines.append(("", ""))
-        kinds = ("req", "ack", "nak", "invalid")
-        cell = max(9, min(12, (width - 18) // 4))
-        lines.append((f"{'messages':<18}" + "".join(f"{k.upper():>{cell}}" for k in kinds), "head"))
-        for direction, name in DIRECTIONS:
-            name = name.replace("→", arrow)
-            cells = "".join(f"{stats[f'msg_{k}_{direction}']:>{cell},}" for k in kinds)
-            lines.append((f"  {name:<16}{cells}", ""))
-        totals = "".join(f"{stats[f'msg_{k}']:>{cell},}" for k in kinds)
-        lines.append((f"  {'total':<16}{totals}", ""))
-        lines.append(
-            (
-                f"{'bytes':<18}"
-                + "   ".join(
-                    f"{name.replace('→', arrow)} {_bytes(stats[f'bytes_{d}'])}"
-                    for d, name in DIRECTIONS
-                ),
-                "",
-            )
-        )
-        lines.append(
-            (
-                f"{'connections':<18}active {stats['connections_active']:,}   "
-                f"total {stats['connections_total']:,}   "
-                f"refused {stats['connections_refused']:,}   "
-                f"accept errors {stats['accept_errors']:,}",
-                "",
-            )
-        )
-        closed = [f"{reason} {n:,}" for reason, n in stats["connections_closed"].items()]
-        lines.extend(_wrap("closed", closed, width))
-        lines.append(
-            (
-                f"{'upstream':<18}connect failures {stats['upstream_connect_failures']:,}   "
-                f"timeouts {stats['upstream_connect_timeouts']:,}   "
-                f"replies timed {stats['latency_count']:,}   "
-                f"unmatched {stats['latency_unmatched']:,}",
-                "",
-            )
-        )
-        if view.health is not None:
-            lines.append((f"{'health':<18}{view.health[1]}", ""))
 
-    footer = (
-        "q quits · refreshed every second" if unicode else "q quits | refreshed every second",
-        "head",
+def _totals(view: View, stats: dict[str, Any], width: int, unicode: bool) -> list[tuple[str, str]]:
+    """The counts since start: messages by direction, bytes, connections, upstream, health."""
+    arrow = "→" if unicode else "->"
+    kinds = ("req", "ack", "nak", "invalid")
+    cell = max(9, min(12, (width - 18) // 4))
+    head = f"{'messages':<18}" + "".join(f"{k.upper():>{cell}}" for k in kinds)
+    lines = [("", ""), (head, "head")]
+    for direction, name in DIRECTIONS:
+        cells = "".join(f"{stats[f'msg_{k}_{direction}']:>{cell},}" for k in kinds)
+        lines.append((f"  {name.replace('→', arrow):<16}{cells}", ""))
+    totals = "".join(f"{stats[f'msg_{k}']:>{cell},}" for k in kinds)
+    lines.append((f"  {'total':<16}{totals}", ""))
+    moved = (f"{name.replace('→', arrow)} {_bytes(stats[f'bytes_{d}'])}" for d, name in DIRECTIONS)
+    lines.append((f"{'bytes':<18}" + "   ".join(moved), ""))
+    lines.append(
+        (
+            f"{'connections':<18}active {stats['connections_active']:,}   "
+            f"total {stats['connections_total']:,}   "
+            f"refused {stats['connections_refused']:,}   "
+            f"accept errors {stats['accept_errors']:,}",
+            "",
+        )
     )
-    lines = lines[: max(0, height - 1)]
-    lines = [(text[:width], style) for text, style in lines]
-    if height >= 2:
-        lines += [("", "")] * (height - 1 - len(lines)) + [(footer[0][:width], footer[1])]
+    closed = [f"{reason} {n:,}" for reason, n in stats["connections_closed"].items()]
+    lines.extend(_wrap("closed", closed, width))
+    lines.append(
+        (
+            f"{'upstream':<18}connect failures {stats['upstream_connect_failures']:,}   "
+            f"timeouts {stats['upstream_connect_timeouts']:,}   "
+            f"replies timed {stats['latency_count']:,}   "
+            f"unmatched {stats['latency_unmatched']:,}",
+            "",
+        )
+    )
+    if view.health is not None:
+        lines.append((f"{'health':<18}{view.health[1]}", ""))
     return lines
 
 

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import foo_server
+from geventproxy.testing.launch import start_foo_server
 
 
 @pytest.fixture(scope="module")
 def foo_port() -> Iterator[int]:
     """One reference Foo server (a subprocess on loopback) shared by a test module."""
-    with foo_server() as (_, port):
-        yield port
+    with start_foo_server() as server:
+        yield server.port

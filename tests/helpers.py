@@ -1,103 +1,25 @@
-"""Subprocess helpers shared by integration tests (reference server, client CLI).
+"""What the integration tests share beyond geventproxy.testing.launch.
 
-The reference programs run as real subprocesses, exactly as in the task's usage,
-so tests exercise their CLIs, signal handling and sockets and never need gevent
-monkey-patching in the pytest process.
+launch starts the reference programs and the proxy as real subprocesses (as a
+user would); here are the rest: raw sockets, /proc readers, scripted upstreams,
+the admin endpoint, and traffic patterns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import queue
 import re
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from geventproxy.testing import launch
+from geventproxy.testing.launch import STARTUP_TIMEOUT, Launched, run_foo_client
 from geventproxy.testing.protocol import reply_for
-
-REPO_ROOT = launch.ROOT
-#: Seconds to wait for a subprocess to bind its socket and say so.
-STARTUP_TIMEOUT = launch.STARTUP_TIMEOUT
-
-#: The real proxy as a subprocess: ``port``, ``stderr_lines``, ``stdout_lines``,
-#: ``report()`` (SIGUSR1, then the JSON object), ``wait_log(text)``, ``stop()``.
-Proxy = launch.Launched
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment that lets ``python -m geventproxy...`` import the checkout."""
-    return launch.child_env()
-
-
-def start_foo_server(*extra_args: str) -> tuple[subprocess.Popen[str], int]:
-    """Start the reference server on 127.0.0.1, a free port; return (process, port).
-
-    ``extra_args`` are appended to the command line (a later ``-listen=...``
-    overrides the default). The process's stderr lines collect in
-    ``proc.stderr_lines``. Stop it with :func:`stop_process`.
-    """
-    server = launch.start_foo_server(*extra_args)
-    server.proc.stderr_lines = server.stderr_lines  # type: ignore[attr-defined]
-    return server.proc, server.port
-
-
-def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
-    """Signal the process, wait briefly (killing it if needed); return its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.returncode
-
-
-@contextlib.contextmanager
-def foo_server(*extra_args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """:func:`start_foo_server` as a context manager that always stops it."""
-    proc, port = start_foo_server(*extra_args)
-    try:
-        yield proc, port
-    finally:
-        stop_process(proc)
-
-
-def run_foo_client(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    """Run the reference client CLI to completion; stdout/stderr are captured."""
-    return launch.run_foo_client(*args, timeout=timeout)
-
-
-def start_proxy(
-    forward_port: int | None,
-    *args: str,
-    forward: str | None = None,
-    env: dict[str, str] | None = None,
-    preexec: list[str] | None = None,
-    cwd: str | None = None,
-) -> Proxy:
-    """Start ``python -m geventproxy`` on 127.0.0.1, a free port, in front of ``forward_port``."""
-    target = forward or f"127.0.0.1:{forward_port}"
-    return launch.start_proxy(target, *args, env=env, prefix=preexec, cwd=cwd)
-
-
-@contextlib.contextmanager
-def proxy(forward_port: int | None, *args: str, **kwargs) -> Iterator[Proxy]:
-    """:func:`start_proxy` as a context manager that always stops it."""
-    p = start_proxy(forward_port, *args, **kwargs)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def rss_kib(pid: int) -> int:
@@ -121,12 +43,12 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def worker_pids(p: Proxy) -> list[int]:
+def worker_pids(p: Launched) -> list[int]:
     """The proxy's worker processes: the parent's children, which serve the clients."""
     return children(p.proc.pid)
 
 
-def worker_pid(p: Proxy) -> int:
+def worker_pid(p: Launched) -> int:
     """The one worker of a proxy with the default -workers=1: the process whose
     descriptors, memory and CPU time are the relay's (the parent serves no client)."""
     pids = wait_until(lambda: worker_pids(p))
@@ -249,12 +171,12 @@ def ping_pong_worst_ms(port: int, count: int = 100) -> float:
     return worst * 1000
 
 
-def idle_report(p: Proxy, timeout: float = IO_TIMEOUT) -> dict:
+def idle_report(p: Launched, timeout: float = IO_TIMEOUT) -> dict:
     """The first report with no connection left open."""
     return report_when(p, lambda r: r["connections_active"] == 0, timeout)
 
 
-def report_when(p: Proxy, check: Callable[[dict], bool], timeout: float = IO_TIMEOUT) -> dict:
+def report_when(p: Launched, check: Callable[[dict], bool], timeout: float = IO_TIMEOUT) -> dict:
     """Ask for reports until one satisfies ``check``; return it (fails with the last one)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -390,7 +312,7 @@ def in_process_proxy(upstream_port: int, send_buffer: int | None = None) -> Any:
 # --- the admin endpoint -------------------------------------------------------------------
 
 
-def admin_address(p: Proxy, timeout: float = STARTUP_TIMEOUT) -> tuple[str, int]:
+def admin_address(p: Launched, timeout: float = STARTUP_TIMEOUT) -> tuple[str, int]:
     """Host and port of the proxy's admin endpoint, from its "admin started" log line."""
     line = p.wait_log("admin started", timeout=timeout)
     match = re.search(r"address=\[?([^\s\]]*)\]?:(\d+)", line) or re.search(
@@ -415,38 +337,6 @@ def http_request(
         return response.status, headers, body
     finally:
         conn.close()
-
-
-def spawn_proxy(
-    forward_port: int, *args: str, preexec_fn: Callable[[], Any] | None = None
-) -> Proxy:
-    """Start the proxy and return at once, before it listens (``port`` is 0 until then);
-    :func:`proxy_listening` waits for it."""
-    return launch.start_proxy(f"127.0.0.1:{forward_port}", *args, preexec_fn=preexec_fn, wait=False)
-
-
-def proxy_listening(p: Proxy, timeout: float = STARTUP_TIMEOUT) -> Proxy:
-    """Wait for a :func:`spawn_proxy` proxy to listen; fill in its port."""
-    p.wait_ready(timeout)
-    return p
-
-
-def wait_exit(p: Proxy, timeout: float = IO_TIMEOUT) -> int:
-    """Wait for the proxy to exit and for its stdout to be read to the end; its exit status."""
-    code = p.proc.wait(timeout)
-    p.drain_output()
-    return code
-
-
-def stdout_reports(p: Proxy) -> list[dict]:
-    """Every stdout line as a report; fails on anything that is not one whole JSON object."""
-    reports = []
-    for line in p.stdout_lines:
-        assert line.endswith("\n"), f"partial line on stdout: {line!r}"
-        report = json.loads(line)
-        assert isinstance(report, dict) and "msg_total" in report, line
-        reports.append(report)
-    return reports
 
 
 class Traffic:

@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import REPO_ROOT, closed_port, wait_until
+from geventproxy.testing.launch import ROOT
+from tests.helpers import closed_port, wait_until
 
-DEPLOY = REPO_ROOT / "scripts" / "deploy"
+DEPLOY = ROOT / "scripts" / "deploy"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"

@@ -40,7 +40,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Launched:
-    """A child process, its port, its stderr lines, and the JSON lines of its stdout."""
+    """A child process, its port, its stderr lines, and the JSON lines of its stdout.
+
+    As a context manager it is stopped (``stop()``) when the block ends.
+    """
 
     def __init__(self, proc: subprocess.Popen[str], ready: re.Pattern[str]) -> None:
         self.proc = proc
@@ -92,6 +95,18 @@ class Launched:
         self.proc.send_signal(signal.SIGUSR1)
         return self.reports.get(timeout=timeout)
 
+    def stdout_reports(self) -> list[dict[str, Any]]:
+        """Every stdout line so far as a report; fails on any that is not one whole JSON object."""
+        reports = []
+        for line in self.stdout_lines:
+            if not line.endswith("\n"):
+                raise AssertionError(f"partial line on stdout: {line!r}")
+            report = json.loads(line)
+            if not (isinstance(report, dict) and "msg_total" in report):
+                raise AssertionError(f"not a statistics line: {line!r}")
+            reports.append(report)
+        return reports
+
     def log(self) -> str:
         return "".join(self.stderr_lines)
 
@@ -116,6 +131,18 @@ class Launched:
                 self.proc.wait(timeout=5)
         self.drain_output()
         return self.proc.returncode
+
+    def wait_exit(self, timeout: float = 5.0) -> int:
+        """Wait, without a signal, for it to exit and its output to be read; the exit status."""
+        code = self.proc.wait(timeout)
+        self.drain_output()
+        return code
+
+    def __enter__(self) -> Launched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def drain_output(self, timeout: float = 5.0) -> None:
         """After the exit: wait until everything it wrote has been read into the lists."""
@@ -158,7 +185,7 @@ def start_foo_server(
 
 
 def start_proxy(
-    forward: str,
+    forward: str | int,
     *args: str,
     listen: str = "127.0.0.1:0",
     env: dict[str, str] | None = None,
@@ -169,9 +196,12 @@ def start_proxy(
 ) -> Launched:
     """The proxy on ``listen`` in front of ``forward``; its stdout reports are collected.
 
+    ``forward`` is an address, or a port number on 127.0.0.1.
     ``wait=False`` returns at once, before it listens; ``wait_ready`` then waits.
     ``cwd`` matters to ``python -m``, which imports from there first.
     """
+    if isinstance(forward, int):
+        forward = f"127.0.0.1:{forward}"
     argv = ["-m", "geventproxy", f"-listen={listen}", f"-forward={forward}", *args]
     return _spawn(argv, _PROXY_READY, env, True, prefix, preexec_fn, wait, cwd)
 

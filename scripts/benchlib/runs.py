@@ -38,7 +38,16 @@ from .processes import (
 from .scenarios import IDLE, LOADS
 from .tables import brief
 
-__all__ = ["Bench", "Relay", "idle", "parse_result", "throughput", "workers_compare"]
+__all__ = [
+    "Bench",
+    "Relay",
+    "idle",
+    "idle_run",
+    "parse_result",
+    "run_load",
+    "throughput",
+    "workers_compare",
+]
 
 #: Seconds loadgen holds idle connections (the proxy parks idle ones after 2 s).
 IDLE_HOLD = 3.5
@@ -117,133 +126,6 @@ class Bench:
         elif relay.process is not None:
             self.children.stop(relay.process)
 
-    # -- one run
-
-    def run_load(self, relay: Relay, scenario: str, prefix: list[str]) -> dict[str, Any]:
-        """One timed loadgen run against ``relay``; the loadgen's figures and the check."""
-        mode, conns, window = LOADS[scenario]
-        dur, watch = self.opts.duration, relay.watch
-        argv = [*prefix, self.tools.loadgen, "-addr", f"127.0.0.1:{relay.port}", "-mode", mode]
-        argv += ["-c", str(conns), "-w", str(window), "-d", str(dur), "-warmup", str(self.warmup)]
-        for name, pid in relay.cpu.items():
-            argv += ["-cpu", f"{name}={pid}"]
-        before = _settled_or_none(watch)
-        quiet_from = watch.quiet_since() if watch else 0.0
-        t0 = time.monotonic()
-        core0 = cpu_ticks(self.pins.relay_cpu)
-        proc = self.children.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        pair_a = None
-        if watch and dur >= 10:
-            # A report 10 s before one taken just after the end: the REQs
-            # between them are what request_rate_10s must show.
-            time.sleep(max(0.0, t0 + self.warmup + dur - 9.8 - time.monotonic()))
-            t_a = time.monotonic()
-            pair_a = watch.report()
-        try:
-            out, err = proc.communicate(timeout=self.warmup + dur + 30 + conns / 200)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            err += "\nbench: loadgen timed out"
-        core1 = cpu_ticks(self.pins.relay_cpu)
-        self.children.stop(proc)
-        res = parse_result(out)
-        res.update(rc=proc.returncode, stderr=err.strip())
-        res["ok"] = proc.returncode == 0 and bool(res.get("msgs"))
-        if core0 and core1 and core1[1] > core0[1]:
-            res["relay_core_busy"] = (core1[0] - core0[0]) / (core1[1] - core0[1])
-        if watch is None:
-            return res
-        if before is None:
-            res["check_ok"], res["check"] = False, "FAIL: no statistics report before the run"
-            return res
-        try:
-            pair = None
-            if pair_a is not None:
-                time.sleep(max(0.0, t_a + 10.0 - time.monotonic()))
-                pair = (pair_a, watch.report())
-            after = watch.settled()
-            extra = watch.wait_for_exact_window(quiet_from, self.rate_wait)
-            res["check_ok"], res["check"] = check_stats(
-                watch,
-                before,
-                after,
-                conns * window,
-                int(res.get("replies") or 0),
-                pair=pair,
-                extra=(extra,) if extra else (),
-            )
-        except (queue.Empty, KeyError, OSError) as exc:
-            res["check_ok"], res["check"] = False, f"FAIL: no statistics report ({exc!r})"
-        return res
-
-    def idle_run(self, relay: Relay, count: int, ping: int) -> dict[str, Any]:
-        """Hold ``count`` idle connections through ``relay`` (a fresh process); its RSS growth."""
-        pid, watch = relay.cpu["relay"], relay.watch
-        before = _settled_or_none(watch)
-        time.sleep(0.2)
-        rss0 = rss_kib(pid)
-        argv = [*self.pins.load, self.tools.loadgen, "-addr", f"127.0.0.1:{relay.port}", "-c", "0"]
-        argv += ["-idle", str(count), "-idleping", str(ping), "-d", str(IDLE_HOLD)]
-        proc = self.children.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        err_lines: list[str] = []
-
-        def read_err() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                err_lines.append(line)
-                lines.put(line)
-            lines.put("")
-
-        threading.Thread(target=read_err, daemon=True).start()
-        ready_at = None
-        deadline = time.monotonic() + 30 + count / 500
-        while ready_at is None and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if "READY" in line:
-                ready_at = time.monotonic()
-            elif not line:
-                break
-        samples = []
-        if ready_at is not None:
-            # Sample while they are held; the last sample is the settled figure.
-            while time.monotonic() < ready_at + IDLE_HOLD - 0.25 and proc.poll() is None:
-                time.sleep(0.25)
-                samples.append(rss_kib(pid))
-        try:
-            out, _ = proc.communicate(timeout=IDLE_HOLD + 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        self.children.stop(proc)
-        rss1 = samples[-1] if samples else rss0
-        res: dict[str, Any] = {
-            "rss0": rss0,
-            "rss1": rss1,
-            "peak": max(samples, default=rss0),
-            "per_conn": (rss1 - rss0) / count,
-            "held": count,
-            "rc": proc.returncode,
-            "stderr": "".join(err_lines).strip(),
-            "ok": proc.returncode == 0 and ready_at is not None and bool(samples),
-        }
-        res.update({k: v for k, v in parse_result(out).items() if k not in res})
-        if watch is not None:
-            try:
-                after = watch.settled()
-                if before is None:
-                    raise KeyError("no report before the run")
-                res["check_ok"], res["check"] = check_stats(
-                    watch, before, after, 0, None, exact_req=count * ping
-                )
-            except (queue.Empty, KeyError, OSError) as exc:
-                res["check_ok"], res["check"] = False, f"FAIL: no statistics report ({exc!r})"
-        return res
-
     def record(self, label: str, res: dict[str, Any]) -> None:
         if not res["ok"]:
             msg = f"{label}: loadgen exit {res['rc']}: {res['stderr'][-500:]}"
@@ -253,6 +135,153 @@ class Bench:
             print(f"    stats {res['check']}", flush=True)
             if not res["check_ok"]:
                 self.failures.append(f"{label}: stats {res['check']}")
+
+
+# -- one run ------------------------------------------------------------------------
+
+
+def run_load(bench: Bench, relay: Relay, scenario: str, prefix: list[str]) -> dict[str, Any]:
+    """One timed loadgen run against ``relay``; the loadgen's figures and the check."""
+    mode, conns, window = LOADS[scenario]
+    dur, watch, warmup = bench.opts.duration, relay.watch, bench.warmup
+    argv = [*prefix, bench.tools.loadgen, "-addr", f"127.0.0.1:{relay.port}", "-mode", mode]
+    argv += ["-c", str(conns), "-w", str(window), "-d", str(dur), "-warmup", str(warmup)]
+    for name, pid in relay.cpu.items():
+        argv += ["-cpu", f"{name}={pid}"]
+    before = _settled_or_none(watch)
+    quiet_from = watch.quiet_since() if watch else 0.0
+    t0 = time.monotonic()
+    core0 = cpu_ticks(bench.pins.relay_cpu)
+    proc = bench.children.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pair_a = None
+    if watch and dur >= 10:
+        # A report 10 s before one taken just after the end: the REQs
+        # between them are what request_rate_10s must show.
+        time.sleep(max(0.0, t0 + warmup + dur - 9.8 - time.monotonic()))
+        pair_a = (time.monotonic(), watch.report())
+    try:
+        out, err = proc.communicate(timeout=warmup + dur + 30 + conns / 200)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err += "\nbench: loadgen timed out"
+    core1 = cpu_ticks(bench.pins.relay_cpu)
+    bench.children.stop(proc)
+    res = parse_result(out)
+    res.update(rc=proc.returncode, stderr=err.strip())
+    res["ok"] = proc.returncode == 0 and bool(res.get("msgs"))
+    if core0 and core1 and core1[1] > core0[1]:
+        res["relay_core_busy"] = (core1[0] - core0[0]) / (core1[1] - core0[1])
+    if watch is not None:
+        res["check_ok"], res["check"] = _check_load(
+            bench, watch, before, quiet_from, pair_a, conns * window, int(res.get("replies") or 0)
+        )
+    return res
+
+
+def _check_load(
+    bench: Bench,
+    watch: Watch,
+    before: dict[str, Any] | None,
+    quiet_from: float,
+    pair_a: tuple[float, dict[str, Any]] | None,
+    in_flight_max: int,
+    lg_replies: int,
+) -> tuple[bool, str]:
+    """The statistics check after a load run (see checks.check_stats)."""
+    if before is None:
+        return False, "FAIL: no statistics report before the run"
+    try:
+        pair = None
+        if pair_a is not None:
+            time.sleep(max(0.0, pair_a[0] + 10.0 - time.monotonic()))
+            pair = (pair_a[1], watch.report())
+        after = watch.settled()
+        extra = watch.wait_for_exact_window(quiet_from, bench.rate_wait)
+        return check_stats(
+            watch,
+            before,
+            after,
+            in_flight_max,
+            lg_replies,
+            pair=pair,
+            extra=(extra,) if extra else (),
+        )
+    except (queue.Empty, KeyError, OSError) as exc:
+        return False, f"FAIL: no statistics report ({exc!r})"
+
+
+def idle_run(bench: Bench, relay: Relay, count: int, ping: int) -> dict[str, Any]:
+    """Hold ``count`` idle connections through ``relay`` (a fresh process); its RSS growth."""
+    pid, watch = relay.cpu["relay"], relay.watch
+    before = _settled_or_none(watch)
+    time.sleep(0.2)
+    rss0 = rss_kib(pid)
+    argv = [*bench.pins.load, bench.tools.loadgen, "-addr", f"127.0.0.1:{relay.port}", "-c", "0"]
+    argv += ["-idle", str(count), "-idleping", str(ping), "-d", str(IDLE_HOLD)]
+    proc = bench.children.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    ready_at = _wait_ready(proc, err_lines, timeout=30 + count / 500)
+    samples = []
+    if ready_at is not None:
+        # Sample while they are held; the last sample is the settled figure.
+        while time.monotonic() < ready_at + IDLE_HOLD - 0.25 and proc.poll() is None:
+            time.sleep(0.25)
+            samples.append(rss_kib(pid))
+    try:
+        out, _ = proc.communicate(timeout=IDLE_HOLD + 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    bench.children.stop(proc)
+    rss1 = samples[-1] if samples else rss0
+    res: dict[str, Any] = {
+        "rss0": rss0,
+        "rss1": rss1,
+        "peak": max(samples, default=rss0),
+        "per_conn": (rss1 - rss0) / count,
+        "held": count,
+        "rc": proc.returncode,
+        "stderr": "".join(err_lines).strip(),
+        "ok": proc.returncode == 0 and ready_at is not None and bool(samples),
+    }
+    res.update({k: v for k, v in parse_result(out).items() if k not in res})
+    if watch is not None:
+        try:
+            after = watch.settled()
+            if before is None:
+                raise KeyError("no report before the run")
+            res["check_ok"], res["check"] = check_stats(
+                watch, before, after, 0, None, exact_req=count * ping
+            )
+        except (queue.Empty, KeyError, OSError) as exc:
+            res["check_ok"], res["check"] = False, f"FAIL: no statistics report ({exc!r})"
+    return res
+
+
+def _wait_ready(proc: subprocess.Popen[str], err_lines: list[str], timeout: float) -> float | None:
+    """When loadgen said READY (all idle connections open), or None; stderr kept in err_lines."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read_err() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err_lines.append(line)
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=read_err, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        if "READY" in line:
+            return time.monotonic()
+        if not line:
+            return None
+    return None
 
 
 def parse_result(stdout: str) -> dict[str, Any]:
@@ -289,7 +318,7 @@ def throughput(bench: Bench, scenario: str, relays: list[Relay]) -> dict[str, li
     for rnd in range(runs):
         shift = rnd % len(relays)
         for relay in relays[shift:] + relays[:shift]:
-            res = bench.run_load(relay, scenario, bench.pins.load)
+            res = run_load(bench, relay, scenario, bench.pins.load)
             res["round"] = rnd
             results[relay.name].append(res)
             label = f"{scenario} round {rnd + 1}/{runs} {relay.name}"
@@ -325,7 +354,7 @@ def idle(bench: Bench, scenario: str, stub_port: int) -> tuple[dict[str, list[di
                         path, stub_port, f"-max-connections={2 * count}", prefix=prefix
                     )
                 try:
-                    res = bench.idle_run(relay, count, ping)
+                    res = idle_run(bench, relay, count, ping)
                 finally:
                     bench.stop_relay(relay)
                 results.setdefault(key, []).append(res)
@@ -358,7 +387,7 @@ def workers_compare(bench: Bench) -> dict[str, dict[str, list[dict]]]:
                 cpu = {f"w{i}": k for i, k in enumerate(kids)} if kids else {"w0": pid}
                 cpu["stub"] = stub.pid
                 run = dataclasses.replace(relay, cpu=cpu)
-                res = bench.run_load(run, scenario, [])
+                res = run_load(bench, run, scenario, [])
                 results[relay.name].append(res)
                 label = f"{scenario} round {rnd + 1}/{bench.opts.runs} {relay.name}"
                 print(f"  {label:<34} {brief(res)}", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from geventproxy import accel
-from tests.helpers import proxy, run_foo_client
+from geventproxy.testing.launch import run_foo_client, start_proxy
 from tests.unit.implementations import COMPILED
 
 
@@ -26,7 +26,7 @@ def test_start_line_names_the_implementation(foo_port: int, pure: str, expected:
     2. Its worker's `serving` line names the implementation; one such line, not one
        per client.
     3. The reference client passes through it and the counts are exact."""
-    with proxy(foo_port, env={accel.PURE_ENV: pure}) as p:
+    with start_proxy(foo_port, env={accel.PURE_ENV: pure}) as p:
         line = p.wait_log(" serving ")
         assert f'counting="{expected}"' in line, line
         done = run_foo_client("-connect", f"127.0.0.1:{p.port}", "-requests", "50")

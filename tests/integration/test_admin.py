@@ -8,20 +8,10 @@ import signal
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import (
-    admin_address,
-    connect,
-    foo_server,
-    http_request,
-    proxy,
-    recv_lines,
-    run_foo_client,
-    start_proxy,
-    stop_process,
-    wait_until,
-)
+from geventproxy.testing.launch import run_foo_client, start_foo_server, start_proxy
+from tests.helpers import admin_address, connect, http_request, recv_lines, wait_until
 
-# A free port of its own. (127.0.0.1:0 would equal the helpers' -listen=127.0.0.1:0,
+# A free port of its own. (127.0.0.1:0 would equal launch's -listen=127.0.0.1:0,
 # which the configuration refuses as the same address.)
 ADMIN = "-admin=localhost:0"
 HEALTH = "-health-interval=0.2"
@@ -45,7 +35,10 @@ def _healthz(address: tuple[str, int]) -> tuple[int, str]:
 
 
 def test_routes_match_the_traffic_and_the_usr1_report() -> None:
-    with foo_server() as (upstream, port), proxy(port, ADMIN, HEALTH, "-log-level=debug") as p:
+    with (
+        start_foo_server() as upstream,
+        start_proxy(upstream.port, ADMIN, HEALTH, "-log-level=debug") as p,
+    ):
         admin = admin_address(p)
         assert wait_until(lambda: _healthz(admin) == (200, "ok\n"), timeout=5)
         done = run_foo_client(f"-connect=127.0.0.1:{p.port}", f"-connections={CLIENTS}")
@@ -92,11 +85,11 @@ def test_routes_match_the_traffic_and_the_usr1_report() -> None:
         assert http_request(admin, "/")[0] == 200  # the live page (test_live_page.py)
 
         # The upstream goes away: /healthz says so within a few check intervals.
-        stop_process(upstream)
+        upstream.stop()
         status, text = wait_until(
             lambda: (r := _healthz(admin))[0] == 503 and r, timeout=3, interval=0.05
         )
-        assert "unreachable" in text and str(port) in text
+        assert "unreachable" in text and str(upstream.port) in text
         p.wait_log("health: upstream unreachable")
 
         # Access lines went to the log (stderr) at debug; stdout holds nothing but reports.
@@ -108,7 +101,7 @@ def test_routes_match_the_traffic_and_the_usr1_report() -> None:
 
 
 def test_healthz_fails_while_draining() -> None:
-    with foo_server() as (_, port), proxy(port, ADMIN, HEALTH) as p:
+    with start_foo_server() as upstream, start_proxy(upstream.port, ADMIN, HEALTH) as p:
         admin = admin_address(p)
         assert wait_until(lambda: _healthz(admin)[0] == 200, timeout=5)
         client = connect(p.port)
@@ -127,9 +120,9 @@ def test_healthz_fails_while_draining() -> None:
 
 
 def test_admin_address_in_use_is_fatal() -> None:
-    with foo_server() as (_, port), proxy(port, ADMIN) as first:
+    with start_foo_server() as upstream, start_proxy(upstream.port, ADMIN) as first:
         host, taken = admin_address(first)
         with pytest.raises(
             RuntimeError, match=f"cannot listen on the -admin address address={host}:{taken}"
         ):
-            start_proxy(port, f"-admin={host}:{taken}")
+            start_proxy(upstream.port, f"-admin={host}:{taken}")

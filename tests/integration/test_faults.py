@@ -19,35 +19,29 @@ import time
 
 import pytest
 
+from geventproxy.testing.launch import Launched, run_foo_client, start_foo_server, start_proxy
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     IO_TIMEOUT,
     SLACK,
-    Proxy,
     closed_port,
     connect,
-    foo_server,
     idle_report,
     pattern,
     pattern_digest,
-    proxy,
     recv_all,
     recv_lines,
     rss_kib,
-    run_foo_client,
     scripted_upstream,
-    start_foo_server,
-    stdout_reports,
-    stop_process,
     wait_closed,
     worker_pid,
 )
 
 
-def _no_traceback(p: Proxy) -> None:
+def _no_traceback(p: Launched) -> None:
     """No traceback in the log, and nothing but whole JSON reports on stdout."""
     assert "Traceback" not in p.log(), p.log()
-    stdout_reports(p)
+    p.stdout_reports()
 
 
 # --- 1. half-close ------------------------------------------------------------------------
@@ -74,7 +68,7 @@ def test_client_half_close_still_gets_every_reply() -> None:
         sock.close()
         return lines
 
-    with scripted_upstream(answer_after_eof) as upstream, proxy(upstream.port) as p:
+    with scripted_upstream(answer_after_eof) as upstream, start_proxy(upstream.port) as p:
         with connect(p.port) as client:
             client.sendall(b"".join(requests))
             client.shutdown(socket.SHUT_WR)
@@ -102,7 +96,7 @@ def test_upstream_half_close_client_can_still_send() -> None:
        connection is closed at once (well before the fin timeout), counted as
        upstream_closed, since the upstream finished first.
     """
-    with scripted_upstream() as upstream, proxy(upstream.port, "--fin-timeout=10") as p:
+    with scripted_upstream() as upstream, start_proxy(upstream.port, "--fin-timeout=10") as p:
         with connect(p.port) as client:
             client.sendall(b"REQ 1 first\n")
             up = upstream.accept()
@@ -136,7 +130,7 @@ def test_upstream_half_close_then_silent_client_closed_after_fin_timeout() -> No
     4. The upstream sees EOF 0.5 s (give or take one sweep) after its own
        half-close: the proxy closed the connection, reason upstream_closed.
     """
-    with scripted_upstream() as upstream, proxy(upstream.port, "--fin-timeout=0.5") as p:
+    with scripted_upstream() as upstream, start_proxy(upstream.port, "--fin-timeout=0.5") as p:
         with connect(p.port) as client:
             client.sendall(b"REQ 1 x\n")
             up = upstream.accept()
@@ -173,7 +167,7 @@ def test_unreachable_upstream_closes_client_promptly(target: str) -> None:
        and no traceback.
     """
     forward = f"127.0.0.1:{closed_port()}" if target == "closed-port" else target
-    with proxy(None, forward=forward) as p:
+    with start_proxy(forward) as p:
         for _ in range(3):
             with connect(p.port) as client:
                 assert wait_closed(client) < SLACK
@@ -230,7 +224,7 @@ def test_black_holed_upstream_times_out() -> None:
     listener, fillers = _black_hole()
     try:
         port = listener.getsockname()[1]
-        with proxy(port, "--connect-timeout=0.5") as p:
+        with start_proxy(port, "--connect-timeout=0.5") as p:
             with connect(p.port) as client:
                 waited = wait_closed(client)
             assert 0.4 <= waited <= 0.5 + SLACK, waited
@@ -273,7 +267,7 @@ def test_unanswered_name_lookup_is_bounded_by_connect_timeout() -> None:
             "GEVENTARES_TRIES": "1",
         }
         flags = ("--connect-timeout=0.5",)
-        with proxy(None, *flags, forward="upstream.example.test:8001", env=env) as p:
+        with start_proxy("upstream.example.test:8001", *flags, env=env) as p:
             with connect(p.port) as client:
                 waited = wait_closed(client)
             assert 0.4 <= waited <= 0.5 + SLACK, waited
@@ -301,16 +295,17 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
     6. Start a new reference server on the same port: a reference client
        through the same proxy prints OK at once.
     """
-    server, port = start_foo_server()
+    server = start_foo_server()
+    port = server.port
     try:
-        with proxy(port) as p:
+        with start_proxy(port) as p:
             clients = [connect(p.port) for _ in range(5)]
             try:
                 for seq, client in enumerate(clients, 1):
                     client.sendall(b"REQ %d hi\n" % seq)
                     assert recv_lines(client, 1) == [reply_for("REQ", seq, b"hi")]
-                server.send_signal(signal.SIGKILL)
-                server.wait(IO_TIMEOUT)
+                server.proc.send_signal(signal.SIGKILL)
+                server.proc.wait(IO_TIMEOUT)
                 for client in clients:
                     assert wait_closed(client) < SLACK
                 report = idle_report(p)
@@ -320,7 +315,7 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
             closed = report["connections_closed"]
             assert closed["upstream_closed"] + closed["upstream_reset"] == 5, closed
 
-            server, _ = start_foo_server(f"-listen=127.0.0.1:{port}")
+            server = start_foo_server(listen=f"127.0.0.1:{port}")
             started = time.monotonic()
             result = run_foo_client(f"-connect=127.0.0.1:{p.port}")
             assert (result.stdout, result.returncode) == ("..........OK!\n", 0), result.stderr
@@ -328,7 +323,7 @@ def test_upstream_killed_mid_stream_then_restarted() -> None:
             assert p.proc.poll() is None
             _no_traceback(p)
     finally:
-        stop_process(server)
+        server.stop()
 
 
 # --- 5. the client resets or vanishes -----------------------------------------------------------
@@ -342,7 +337,7 @@ def test_client_reset_closes_upstream() -> None:
     3. The upstream sees EOF or a reset within a second.
     4. connections_active is 0 and connections_closed.client_reset is 1.
     """
-    with scripted_upstream() as upstream, proxy(upstream.port) as p:
+    with scripted_upstream() as upstream, start_proxy(upstream.port) as p:
         client = connect(p.port)
         client.sendall(b"REQ 1 x\n")
         up = upstream.accept()
@@ -373,7 +368,7 @@ def test_client_vanishes_while_upstream_streams() -> None:
         except OSError:
             return time.monotonic()
 
-    with scripted_upstream(stream) as upstream, proxy(upstream.port) as p:
+    with scripted_upstream(stream) as upstream, start_proxy(upstream.port) as p:
         client = connect(p.port)
         assert client.recv(65536)
         time.sleep(0.1)  # let unread data pile up in the client's receive buffer
@@ -402,7 +397,7 @@ def test_parked_client_sides_wake_for_data_reset_and_half_close() -> None:
     """
     from geventproxy.server import ProxyServer
 
-    with scripted_upstream() as upstream, proxy(upstream.port) as p:
+    with scripted_upstream() as upstream, start_proxy(upstream.port) as p:
         clients, ups = [], []
         for name in (b"a", b"b", b"c"):
             client = connect(p.port)
@@ -455,7 +450,7 @@ PUSH_CHUNKS = 1024  # 64 KiB each: 64 MiB in all
 RSS_GROWTH_LIMIT_KIB = 20 * 1024
 
 
-def _watch_rss(p: Proxy, progress: list[int]) -> int:
+def _watch_rss(p: Launched, progress: list[int]) -> int:
     """Sample the worker's RSS until the writer has stalled; return the peak, in KiB."""
     pid = worker_pid(p)
     peak = rss_kib(pid)
@@ -487,6 +482,18 @@ def _read_digest(sock: socket.socket) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+def _assert_held_back(
+    record_property, name: str, rss: tuple[int, int], stalled: int, received: tuple[int, str]
+) -> None:
+    """The sender stalled, the proxy's RSS (baseline, peak) stayed bounded, all arrived in order."""
+    baseline, peak = rss
+    record_property(f"{name.replace(' ', '_')}_rss_kib", (baseline, peak, stalled))
+    print(f"{name}: RSS {baseline} -> {peak} KiB, stalled at {stalled} B")
+    assert stalled < PUSH_CHUNKS * 65536
+    assert peak - baseline < RSS_GROWTH_LIMIT_KIB
+    assert received == (PUSH_CHUNKS * 65536, pattern_digest(PUSH_CHUNKS))
+
+
 def test_slow_reader_backpressure_bounded_memory(record_property) -> None:
     """An upstream pushes 64 MiB to a client that does not read.
 
@@ -499,21 +506,16 @@ def test_slow_reader_backpressure_bounded_memory(record_property) -> None:
     """
     progress = [0]
     push = scripted_upstream(lambda sock: _send_pattern(sock, progress))
-    with push as upstream, proxy(upstream.port) as p:
+    with push as upstream, start_proxy(upstream.port) as p:
         baseline = rss_kib(worker_pid(p))
         with connect(p.port, timeout=20) as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             peak = _watch_rss(p, progress)
             stalled = progress[0]
-            total, digest = _read_digest(client)
+            received = _read_digest(client)
         upstream.result()
-        record_property("slow_reader_rss_kib", (baseline, peak, stalled))
-        print(f"slow reader: RSS {baseline} -> {peak} KiB, stalled at {stalled} B")
-        assert stalled < PUSH_CHUNKS * 65536
-        assert peak - baseline < RSS_GROWTH_LIMIT_KIB
-        assert total == PUSH_CHUNKS * 65536
-        assert digest == pattern_digest(PUSH_CHUNKS)
-        assert idle_report(p)["bytes_upstream_to_client"] == total
+        _assert_held_back(record_property, "slow reader", (baseline, peak), stalled, received)
+        assert idle_report(p)["bytes_upstream_to_client"] == received[0]
 
 
 def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:
@@ -525,7 +527,7 @@ def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:
     3. The upstream then reads everything: 64 MiB, in order.
     """
     progress = [0]
-    with scripted_upstream() as upstream, proxy(upstream.port) as p:
+    with scripted_upstream() as upstream, start_proxy(upstream.port) as p:
         baseline = rss_kib(worker_pid(p))
         with connect(p.port, timeout=20) as client:
             up = upstream.accept()
@@ -534,15 +536,10 @@ def test_slow_upstream_backpressure_bounded_memory(record_property) -> None:
             writer.start()
             peak = _watch_rss(p, progress)
             stalled = progress[0]
-            total, digest = _read_digest(up)
+            received = _read_digest(up)
             up.close()
             writer.join(IO_TIMEOUT)
-        record_property("slow_upstream_rss_kib", (baseline, peak, stalled))
-        print(f"slow upstream: RSS {baseline} -> {peak} KiB, stalled at {stalled} B")
-        assert stalled < PUSH_CHUNKS * 65536
-        assert peak - baseline < RSS_GROWTH_LIMIT_KIB
-        assert total == PUSH_CHUNKS * 65536
-        assert digest == pattern_digest(PUSH_CHUNKS)
+        _assert_held_back(record_property, "slow upstream", (baseline, peak), stalled, received)
 
 
 def test_tcp_keepalive_is_on_for_both_sockets() -> None:
@@ -551,12 +548,16 @@ def test_tcp_keepalive_is_on_for_both_sockets() -> None:
        upstream socket (``ss -o``), so a peer that vanished without a FIN is found."""
     ss = shutil.which("ss")
     assert ss, "ss (iproute2) is needed to read the sockets' timers"
-    with foo_server() as (_, upstream), proxy(upstream) as p, connect(p.port) as client:
+    with (
+        start_foo_server() as upstream,
+        start_proxy(upstream.port) as p,
+        connect(p.port) as client,
+    ):
         client.sendall(b"REQ 1 x\n")
         recv_lines(client, 1)
         # The proxy's side of the client connection (source port: the proxy's) and of
         # the upstream connection (destination port: the server's).
-        query = f"( sport = :{p.port} or dport = :{upstream} )"
+        query = f"( sport = :{p.port} or dport = :{upstream.port} )"
         mine = subprocess.run(
             [ss, "-tnoH", "state", "established", query],
             capture_output=True,

@@ -13,16 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    children,
-    connect,
-    proxy,
-    recv_lines,
-    run_foo_client,
-    subprocess_env,
-    wait_exit,
-    wait_until,
-)
+from geventproxy.testing.launch import child_env, run_foo_client, start_proxy
+from tests.helpers import children, connect, recv_lines, wait_until
 
 # An address of TEST-NET-1 (RFC 5737): on no host.
 NOT_HERE = "192.0.2.1"
@@ -39,7 +31,7 @@ def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     """The proxy's command line, run until it exits (these runs never get to serve)."""
     return subprocess.run(
         [sys.executable, "-m", "geventproxy", "-forward=127.0.0.1:1", *args],
-        env={**subprocess_env(), **(env or {})},
+        env=child_env(env),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -94,7 +86,7 @@ def test_workers_name_themselves_in_ps_and_in_every_log_line(foo_port: int) -> N
     """1. -workers=2: `ps -o comm` shows geventproxy for the parent, geventproxy wN each worker.
     2. Each worker's lines carry worker=N: serving, the connections, draining, exit.
     3. No line anywhere says worker=None."""
-    with proxy(foo_port, "-workers=2") as p:
+    with start_proxy(foo_port, "-workers=2") as p:
         assert _comm(p.pid) == "geventproxy"
         # Each worker names itself as it starts, a moment after the fork.
         wait_until(
@@ -125,7 +117,7 @@ def test_the_default_parent_and_worker_name_themselves_and_log_ipv4_peers_as_ipv
        the worker's lines carry worker=0, the parent's no worker field.
     2. An IPv4 client of an IPv6 socket (as on the default dual-stack listener) is
        logged as 127.0.0.1:PORT, not [::ffff:127.0.0.1]:PORT."""
-    with proxy(foo_port, "-log-format=json", "-listen=[::ffff:127.0.0.1]:0") as p:
+    with start_proxy(foo_port, "-log-format=json", "-listen=[::ffff:127.0.0.1]:0") as p:
         assert _comm(p.pid) == "geventproxy"
         (worker,) = children(p.pid)
         wait_until(lambda: _comm(worker) == "geventproxy w0")
@@ -136,7 +128,7 @@ def test_the_default_parent_and_worker_name_themselves_and_log_ipv4_peers_as_ipv
             local_port = client.getsockname()[1]
         p.wait_log('"msg": "close"')
         p.proc.send_signal(signal.SIGTERM)
-        assert wait_exit(p) == 0
+        assert p.wait_exit() == 0
     records = [json.loads(line) for line in p.stderr_lines]
     (opened,) = [r for r in records if r["msg"] == "open"]
     assert opened["peer"] == f"127.0.0.1:{local_port}"

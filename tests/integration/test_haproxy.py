@@ -9,15 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.helpers import (
-    Proxy,
-    admin_address,
-    http_request,
-    process_tree,
-    proxy,
-    run_foo_client,
-    wait_until,
-)
+from geventproxy.testing.launch import Launched, run_foo_client, start_proxy
+from tests.helpers import admin_address, http_request, process_tree, wait_until
 from tests.services import DEPLOY, HAPROXY, HAProxy, Prometheus, run_tool
 
 ADMIN = "-admin=127.0.0.1:0"
@@ -26,7 +19,7 @@ HEALTH = "-health-interval=0.2"
 DEADLINE = 60.0
 
 
-def _stats(p: Proxy) -> dict:
+def _stats(p: Launched) -> dict:
     status, _headers, body = http_request(admin_address(p), "/stats")
     assert status == 200
     return json.loads(body)
@@ -76,8 +69,8 @@ def test_an_instance_killed_mid_run(tmp_path: Path, foo_port: int) -> None:
        exactly what B's /stats says.
     """
     with (
-        proxy(foo_port, ADMIN, HEALTH, "-log-connections=false") as a,
-        proxy(foo_port, ADMIN, HEALTH, "-log-connections=false") as b,
+        start_proxy(foo_port, ADMIN, HEALTH, "-log-connections=false") as a,
+        start_proxy(foo_port, ADMIN, HEALTH, "-log-connections=false") as b,
     ):
         admins = [admin_address(a), admin_address(b)]
         targets = [f"127.0.0.1:{port}" for _host, port in admins]
@@ -144,7 +137,7 @@ def test_plain_tcp_checks_leave_no_connection_open(tmp_path: Path, foo_port: int
        (HAProxy's plain check answers the SYN-ACK with a reset: the kernel drops the
        half-open connection, so the proxies never even accept one.)
     """
-    with proxy(foo_port, ADMIN, HEALTH) as a, proxy(foo_port, ADMIN, HEALTH) as b:
+    with start_proxy(foo_port, ADMIN, HEALTH) as a, start_proxy(foo_port, ADMIN, HEALTH) as b:
         admins = [admin_address(a), admin_address(b)]
         before = {p.pid: _fds(p.pid) for p in (a, b)}
         servers = [(a.port, admins[0][1]), (b.port, admins[1][1])]
@@ -174,7 +167,7 @@ def test_checks_that_connect_and_close_leave_no_connection_open(
     3. Both proxies are back to 0 open connections and to the descriptors they had
        before; every connection ended with a close reason.
     """
-    with proxy(foo_port, ADMIN, HEALTH) as a, proxy(foo_port, ADMIN, HEALTH) as b:
+    with start_proxy(foo_port, ADMIN, HEALTH) as a, start_proxy(foo_port, ADMIN, HEALTH) as b:
         admins = [admin_address(a), admin_address(b)]
         before = {p.pid: _fds(p.pid) for p in (a, b)}
         servers = [(a.port, admins[0][1]), (b.port, admins[1][1])]

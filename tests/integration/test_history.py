@@ -6,7 +6,8 @@ import json
 import os
 import signal
 
-from tests.helpers import admin_address, http_request, proxy, run_foo_client, wait_until
+from geventproxy.testing.launch import run_foo_client, start_proxy
+from tests.helpers import admin_address, http_request, wait_until
 
 
 def _history(admin: tuple[str, int], after: int = -1) -> dict:
@@ -31,7 +32,7 @@ def test_history_outlives_a_restart_of_the_worker_that_keeps_it(foo_port: int) -
     3. /history is the same history (same instance), its sequence carries on, and the first
        new sample's interval starts at the last old one, so no REQ is lost from the charts.
     """
-    with proxy(foo_port, "-workers=2", "-admin=localhost:0", "-log-format=json") as p:
+    with start_proxy(foo_port, "-workers=2", "-admin=localhost:0", "-log-format=json") as p:
         admin = admin_address(p)
         done = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=4")
         assert done.returncode == 0, done.stdout + done.stderr

@@ -21,23 +21,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from geventproxy.testing.launch import Launched, run_foo_client, start_proxy
 from geventproxy.testing.protocol import ERRDECODE_REPLY, MAX_LINE, DecodeError, decode_line
 from geventproxy.testing.protocol import reply_for as _reply_for
 from tests.helpers import (
     IO_TIMEOUT,
     SLACK,
-    Proxy,
     ScriptedUpstream,
     connect,
     ping_pong_worst_ms,
-    proxy,
     recv_all,
     recv_lines,
     report_when,
     rss_kib,
-    run_foo_client,
     scripted_upstream,
-    stdout_reports,
     wait_closed,
     worker_pid,
 )
@@ -123,9 +120,9 @@ def sink() -> Iterator[Sink]:
 
 
 @pytest.fixture(scope="module")
-def hostile_proxy(sink: Sink) -> Iterator[Proxy]:
+def hostile_proxy(sink: Sink) -> Iterator[Launched]:
     """One transparent proxy in front of the sink, shared by the module."""
-    with proxy(sink.port) as p:
+    with start_proxy(sink.port) as p:
         yield p
 
 
@@ -218,7 +215,7 @@ def _delta(after: dict, before: dict, key: str) -> int:
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_bytes_forwarded_untouched(
-    name: str, sink: Sink, hostile_proxy: Proxy, record_property
+    name: str, sink: Sink, hostile_proxy: Launched, record_property
 ) -> None:
     """Hostile bytes are forwarded byte for byte, counted invalid, in bounded memory.
 
@@ -253,12 +250,12 @@ def test_hostile_bytes_forwarded_untouched(
     assert _delta(after, before, "bytes_client_to_upstream") == len(payload)
     assert p.proc.poll() is None
     assert "Traceback" not in p.log()
-    stdout_reports(p)  # none of the hostile bytes leaked onto stdout
+    p.stdout_reports()  # none of the hostile bytes leaked onto stdout
     assert growth < RSS_GROWTH_LIMIT_KIB, growth
 
 
 def test_hostile_traffic_does_not_disturb_a_well_formed_client(
-    sink: Sink, hostile_proxy: Proxy
+    sink: Sink, hostile_proxy: Launched
 ) -> None:
     """Other connections go on at full speed while hostile traffic flows.
 
@@ -319,9 +316,9 @@ def _echo(sock: socket.socket) -> None:
 
 
 @pytest.fixture(scope="module")
-def echo_proxy() -> Iterator[Proxy]:
+def echo_proxy() -> Iterator[Launched]:
     """One proxy in front of a scripted echo upstream, for every fuzz example."""
-    with scripted_upstream(_echo) as upstream, proxy(upstream.port, "--max-line=512") as p:
+    with scripted_upstream(_echo) as upstream, start_proxy(upstream.port, "--max-line=512") as p:
         yield p
 
 
@@ -341,7 +338,7 @@ _CHUNK = st.one_of(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(chunks=st.lists(_CHUNK, max_size=30))
-def test_fuzz_random_chunks_arrive_byte_exact(echo_proxy: Proxy, chunks: list[bytes]) -> None:
+def test_fuzz_random_chunks_arrive_byte_exact(echo_proxy: Launched, chunks: list[bytes]) -> None:
     """Random bytes in random chunks come back through an echo upstream byte for byte.
 
     1. A client sends the chunks one by one (Nagle off), then half-closes.
@@ -412,7 +409,10 @@ def test_strict_disconnects_before_the_bad_line(bad: str, split: bool) -> None:
     """
     tail = BAD_LINES[bad] + b"REQ 4 after\n"
     with scripted_upstream() as upstream:
-        with proxy(upstream.port, "--strict", "--max-line=100") as p, connect(p.port) as client:
+        with (
+            start_proxy(upstream.port, "--strict", "--max-line=100") as p,
+            connect(p.port) as client,
+        ):
             if split:
                 client.sendall(GOOD)
                 up = upstream.accept()
@@ -431,7 +431,7 @@ def test_strict_disconnects_before_the_bad_line(bad: str, split: bool) -> None:
         assert report["msg_invalid"] == 1
         assert report["msg_req"] == 2
 
-        with proxy(upstream.port, "--max-line=100") as p, connect(p.port) as client:
+        with start_proxy(upstream.port, "--max-line=100") as p, connect(p.port) as client:
             client.sendall(GOOD + tail)
             client.shutdown(socket.SHUT_WR)
             up = upstream.accept()

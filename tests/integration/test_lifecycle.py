@@ -19,22 +19,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from geventproxy.testing.launch import Launched, run_foo_client, start_proxy
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     IO_TIMEOUT,
-    Proxy,
     connect,
     idle_report,
     open_fds,
-    proxy,
     recv_all,
     recv_lines,
     report_when,
-    run_foo_client,
     scripted_upstream,
-    stdout_reports,
     tree_rss_kib,
-    wait_exit,
     wait_until,
 )
 
@@ -50,20 +46,20 @@ def workers(request: pytest.FixtureRequest) -> int:
 
 
 @contextlib.contextmanager
-def settled_proxy(foo_port: int, *args: str) -> Iterator[tuple[Proxy, int]]:
+def settled_proxy(foo_port: int, *args: str) -> Iterator[tuple[Launched, int]]:
     """A proxy that has served one reference client and let it go; its descriptor count."""
-    with proxy(foo_port, *args) as p:
+    with start_proxy(foo_port, *args) as p:
         warm = run_foo_client(f"-connect=127.0.0.1:{p.port}")
         assert warm.returncode == 0, warm.stdout + warm.stderr
         settle(p)
         yield p, open_fds(p.pid)
 
 
-def settle(p: Proxy) -> dict:
+def settle(p: Launched) -> dict:
     return idle_report(p, SETTLE_TIMEOUT)
 
 
-def assert_back_to(p: Proxy, fds: int) -> dict:
+def assert_back_to(p: Launched, fds: int) -> dict:
     """No connection open, and the descriptor count back at ``fds``; the report."""
     report = settle(p)
     wait_until(lambda: open_fds(p.pid) == fds, timeout=SETTLE_TIMEOUT)
@@ -231,7 +227,7 @@ def test_owed_reply_delivered_then_connection_ends() -> None:
         assert recv_all(sock) == b""  # the proxy closed: EOF or reset, not a timeout
         return got
 
-    with scripted_upstream(slow) as upstream, proxy(upstream.port) as p:
+    with scripted_upstream(slow) as upstream, start_proxy(upstream.port) as p:
         client = connect(p.port)
         client.sendall(b"REQ 1 x\n")
         client.shutdown(socket.SHUT_WR)
@@ -248,7 +244,10 @@ def test_owed_reply_that_never_comes_ends_after_client_fin_timeout() -> None:
     3. The client gets EOF after the timeout; the reason is client_fin_timeout,
        so an operator sees replies that never came.
     """
-    with scripted_upstream() as upstream, proxy(upstream.port, "-client-fin-timeout=0.5") as p:
+    with (
+        scripted_upstream() as upstream,
+        start_proxy(upstream.port, "-client-fin-timeout=0.5") as p,
+    ):
         client = connect(p.port)
         client.sendall(b"REQ 1 x\nREQ 2 y\n")
         client.shutdown(socket.SHUT_WR)
@@ -278,7 +277,10 @@ def test_client_fin_timeout_restarts_with_every_upstream_byte() -> None:
             sock.sendall(b"ACK %d ok\n" % seq)
         recv_all(sock)
 
-    with scripted_upstream(paced) as upstream, proxy(upstream.port, "-client-fin-timeout=0.6") as p:
+    with (
+        scripted_upstream(paced) as upstream,
+        start_proxy(upstream.port, "-client-fin-timeout=0.6") as p,
+    ):
         client = connect(p.port)
         client.sendall(b"REQ 1 a\nREQ 2 b\nREQ 3 c\n")
         client.shutdown(socket.SHUT_WR)
@@ -301,8 +303,8 @@ def test_descriptor_exhaustion_recovers_once_clients_are_gone(foo_port: int) -> 
        client is served within two seconds.
     4. The reference client prints OK; nothing is left open.
     """
-    with proxy(
-        foo_port, "-log-connections=false", preexec=["prlimit", f"--nofile={NOFILE}:{NOFILE}"]
+    with start_proxy(
+        foo_port, "-log-connections=false", prefix=["prlimit", f"--nofile={NOFILE}:{NOFILE}"]
     ) as p:
         clients = []
         for seq in range(1, 101):
@@ -334,7 +336,7 @@ def test_drain_ends_when_the_last_client_leaves(foo_port: int, workers: int) -> 
     4. The proxy exits 0 within a few seconds, far before the drain deadline,
        with a final report counting the connection as client_closed.
     """
-    with proxy(foo_port, "-drain-timeout=60", f"-workers={workers}") as p:
+    with start_proxy(foo_port, "-drain-timeout=60", f"-workers={workers}") as p:
         client = connect(p.port)
         client.sendall(b"REQ 1 before\n")
         assert recv_lines(client, 1) == [reply_for("REQ", 1, b"before")]
@@ -345,10 +347,10 @@ def test_drain_ends_when_the_last_client_leaves(foo_port: int, workers: int) -> 
         assert p.proc.poll() is None
         started = time.monotonic()
         client.close()
-        assert wait_exit(p, timeout=20) == 0
+        assert p.wait_exit(timeout=20) == 0
         took = time.monotonic() - started
         print(f"exited {took:.2f} s after its last client left (deadline 60 s)")
-        final = stdout_reports(p)[-1]
+        final = p.stdout_reports()[-1]
         assert final["connections_closed"]["client_closed"] == 1
         assert final["connections_closed"]["shutdown"] == 0
         assert final["connections_active"] == 0

@@ -12,20 +12,18 @@ import contextlib
 import socket
 import time
 
+from geventproxy.testing.launch import Launched, run_foo_client, start_proxy
 from geventproxy.testing.protocol import reply_for
 from tests.helpers import (
     IO_TIMEOUT,
     SLACK,
-    Proxy,
     connect,
     cpu_seconds,
     idle_report,
     ping_pong_worst_ms,
-    proxy,
     recv_lines,
     report_when,
     round_trip,
-    run_foo_client,
     wait_closed,
     wait_until,
     worker_pid,
@@ -44,7 +42,7 @@ def test_max_connections_refuses_the_next_client_only(foo_port: int) -> None:
     5. The first two clients complete another request each.
     6. One of them leaves: a new client is served again.
     """
-    with proxy(foo_port, "--max-connections=2") as p:
+    with start_proxy(foo_port, "--max-connections=2") as p:
         first, second = connect(p.port), connect(p.port)
         with first, second:
             round_trip(first, 1)
@@ -73,7 +71,7 @@ def test_idle_timeout_closes_only_the_idle_connection(foo_port: int) -> None:
     4. The other sends a request every 0.1 s for 1.2 s: every one is answered.
     5. The active client closes: client_closed 1, idle_timeout 1.
     """
-    with proxy(foo_port, "--idle-timeout=0.5") as p:
+    with start_proxy(foo_port, "--idle-timeout=0.5") as p:
         idle, active = connect(p.port), connect(p.port)
         with idle, active:
             round_trip(idle, 1)
@@ -101,7 +99,7 @@ def test_idle_timeout_timing(foo_port: int) -> None:
     3. Its connection is closed no sooner than 0.45 s after the reply, and
        not much later than 0.5 s (SLACK allows for a busy machine).
     """
-    with proxy(foo_port, "--idle-timeout=0.5") as p, connect(p.port) as client:
+    with start_proxy(foo_port, "--idle-timeout=0.5") as p, connect(p.port) as client:
         round_trip(client, 1)
         waited = wait_closed(client, timeout=IO_TIMEOUT + SLACK)
         assert 0.45 <= waited <= 0.5 + SLACK, waited
@@ -117,7 +115,7 @@ def test_max_line_counts_long_line_invalid_and_forwards_it(foo_port: int) -> Non
     4. The report counts one REQ and one invalid line from the client.
     """
     short, long = b"s" * (100 - len(b"REQ 1 \n")), b"l" * (200 - len(b"REQ 2 \n"))
-    with proxy(foo_port, "--max-line=100") as p:
+    with start_proxy(foo_port, "--max-line=100") as p:
         with connect(p.port) as client:
             client.sendall(b"REQ 1 %s\nREQ 2 %s\n" % (short, long))
             assert recv_lines(client, 2) == [reply_for("REQ", 1, short), reply_for("REQ", 2, long)]
@@ -136,7 +134,7 @@ NOFILE = 64
 IDLE_CPU_SHARE = 0.2
 
 
-def _cpu_share(p: Proxy, seconds: float = 2.0) -> float:
+def _cpu_share(p: Launched, seconds: float = 2.0) -> float:
     """The share of one CPU the proxy's worker (which serves) used over ``seconds``."""
     worker = worker_pid(p)
     before, started = cpu_seconds(worker), time.monotonic()
@@ -176,7 +174,7 @@ def test_out_of_file_descriptors_waits_without_spinning_and_recovers(foo_port: i
        (their REQ is answered).
     7. Close them all: the reference client through the proxy prints OK.
     """
-    with proxy(foo_port, preexec=["prlimit", f"--nofile={NOFILE}:{NOFILE}"]) as p:
+    with start_proxy(foo_port, prefix=["prlimit", f"--nofile={NOFILE}:{NOFILE}"]) as p:
         assert f"soft={NOFILE}" in p.wait_log("file descriptor limit")
         clients: list[socket.socket] = []
         with contextlib.ExitStack() as stack:
@@ -234,7 +232,7 @@ def test_thousand_idle_connections_do_not_starve_an_active_one(foo_port: int) ->
     """
     from geventproxy.server import ProxyServer
 
-    with proxy(foo_port) as p:
+    with start_proxy(foo_port) as p:
         quiet = ping_pong_worst_ms(p.port)
         with contextlib.ExitStack() as stack:
             idle = [stack.enter_context(connect(p.port)) for _ in range(1000)]

@@ -13,18 +13,9 @@ from typing import Any
 import pytest
 
 from geventproxy import __version__
+from geventproxy.testing.launch import ROOT, start_proxy
 from tests.chromium import Browser, executable
-from tests.helpers import (
-    REPO_ROOT,
-    Traffic,
-    closed_port,
-    connect,
-    http_request,
-    proxy,
-    recv_lines,
-    start_proxy,
-    wait_until,
-)
+from tests.helpers import Traffic, closed_port, connect, http_request, recv_lines, wait_until
 
 pytestmark = pytest.mark.skipif(
     executable() is None, reason="chromium is not installed (.ci/run installs it)"
@@ -33,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 #: With GEVENTPROXY_README_SCREENSHOT=1, the -workers=2 run also writes the README's picture,
 #: after a longer run of traffic (a minute of charts rather than a few seconds).
 README = os.environ.get("GEVENTPROXY_README_SCREENSHOT") == "1"
-README_SCREENSHOT = REPO_ROOT / "scripts" / "screenshots" / "live-page.png"
+README_SCREENSHOT = ROOT / "scripts" / "screenshots" / "live-page.png"
 README_TRAFFIC_S = 50
 CONNECTIONS, REQUESTS = 8, 100  # per run of the reference client: 12 NAKs per 100 REQs
 BAD_LINES = 5
@@ -128,7 +119,7 @@ def test_the_page_shows_what_the_proxy_counts(
     shots = tmp_path_factory.mktemp("screenshots")
     browser = Browser()
     try:
-        with proxy(foo_port, *args) as p:
+        with start_proxy(foo_port, *args) as p:
             p.wait_log("admin started")
             with _bad_lines(p.port), Traffic(p.port, CONNECTIONS, REQUESTS) as traffic:
                 browser.navigate(f"http://127.0.0.1:{admin_port}/")

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT
+from geventproxy.testing.launch import ROOT
 
-DEPLOY = REPO_ROOT / "scripts" / "deploy"
+DEPLOY = ROOT / "scripts" / "deploy"
 
 
 def _python(*args: str, cwd: Path, lib: Path, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -31,8 +31,8 @@ def _install(tmp: Path) -> Path:
     src = tmp / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO_ROOT / name, src / name)
-    shutil.copytree(REPO_ROOT / "geventproxy", src / "geventproxy")
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "geventproxy", src / "geventproxy")
     shutil.copytree(DEPLOY, src / "scripts" / "deploy")
     lib = tmp / "site-packages"
     build = _python(

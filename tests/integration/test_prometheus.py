@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import admin_address, http_request, proxy, run_foo_client, wait_until
+from geventproxy.testing.launch import run_foo_client, start_proxy
+from tests.helpers import admin_address, http_request, wait_until
 from tests.services import DEPLOY, PROMTOOL, Prometheus, run_tool
 
 RULES = DEPLOY / "geventproxy.rules.yml"
@@ -156,8 +157,8 @@ def test_a_real_prometheus_sums_two_instances(tmp_path: Path, foo_port: int) -> 
     """
     health = "-health-interval=0.2"
     with (
-        proxy(foo_port, "-admin=127.0.0.1:0", health) as a,
-        proxy(foo_port, "-admin=127.0.0.1:0", health, "-workers=2") as b,
+        start_proxy(foo_port, "-admin=127.0.0.1:0", health) as a,
+        start_proxy(foo_port, "-admin=127.0.0.1:0", health, "-workers=2") as b,
     ):
         admin_a, admin_b = admin_address(a), admin_address(b)
         _promtool_metrics(admin_a)

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from geventproxy.testing.launch import Launched, run_foo_client, start_proxy
 from geventproxy.testing.protocol import make_requests, reply_for
-from tests.helpers import Proxy, proxy, run_foo_client
 
 REQUIRED = {
     "msg_total": int,
@@ -24,8 +24,8 @@ REQUIRED = {
 
 
 @pytest.fixture()
-def px(foo_port: int) -> Iterator[Proxy]:
-    with proxy(foo_port) as p:
+def px(foo_port: int) -> Iterator[Launched]:
+    with start_proxy(foo_port) as p:
         yield p
 
 
@@ -42,13 +42,13 @@ def _exchange(port: int, payload: bytes, expect_lines: int, host: str = "127.0.0
         return got
 
 
-def test_reference_client_prints_ok_through_the_proxy(px: Proxy) -> None:
+def test_reference_client_prints_ok_through_the_proxy(px: Launched) -> None:
     """1. One client, as in the task: the exact output of a direct run."""
     result = run_foo_client(f"-connect=127.0.0.1:{px.port}")
     assert (result.returncode, result.stdout) == (0, "..........OK!\n"), result.stderr
 
 
-def test_fifty_clients_at_once_and_exact_counts(px: Proxy) -> None:
+def test_fifty_clients_at_once_and_exact_counts(px: Launched) -> None:
     """1. 50 connections run the fixed request set at once through the proxy.
     2. Every one passes, and the counters are exactly 50 x (100 REQ, 88 ACK, 12 NAK).
     """
@@ -67,7 +67,7 @@ def test_fifty_clients_at_once_and_exact_counts(px: Proxy) -> None:
     assert report["latency_unmatched"] == 0
 
 
-def test_pipelined_clients(px: Proxy) -> None:
+def test_pipelined_clients(px: Launched) -> None:
     """1. 5 clients each keep 50 REQs in flight. 2. All replies check out and are counted."""
     result = run_foo_client(
         f"-connect=127.0.0.1:{px.port}", "-connections=5", "-window=50", "-requests=400"
@@ -78,7 +78,7 @@ def test_pipelined_clients(px: Proxy) -> None:
     assert report["msg_ack"] + report["msg_nak"] == 2000
 
 
-def test_report_is_one_json_line_with_required_fields(px: Proxy) -> None:
+def test_report_is_one_json_line_with_required_fields(px: Launched) -> None:
     """1. SIGUSR1 three times. 2. Three lines on stdout, each one JSON object with every
     required field of the right type. 3. The proxy keeps serving."""
     reports = [px.report() for _ in range(3)]
@@ -90,7 +90,7 @@ def test_report_is_one_json_line_with_required_fields(px: Proxy) -> None:
     assert run_foo_client(f"-connect=127.0.0.1:{px.port}").returncode == 0
 
 
-def test_protocol_example_is_forwarded_byte_exact(px: Proxy, foo_port: int) -> None:
+def test_protocol_example_is_forwarded_byte_exact(px: Launched, foo_port: int) -> None:
     """1. A pipelined burst, including lines the grammar rejects, sent direct and via the proxy.
     2. Both transcripts are identical. 3. The invalid lines are counted, not dropped."""
     payload = (
@@ -110,7 +110,7 @@ def test_protocol_example_is_forwarded_byte_exact(px: Proxy, foo_port: int) -> N
     assert report["msg_invalid_client_to_upstream"] == 4
 
 
-def test_message_split_into_single_bytes(px: Proxy) -> None:
+def test_message_split_into_single_bytes(px: Launched) -> None:
     """1. A REQ sent one byte per write, Nagle off. 2. Its reply is right; it counts once."""
     seq, data = make_requests(1)[0]
     line = b"REQ %d %s\n" % (seq, data)
@@ -127,7 +127,7 @@ def test_message_split_into_single_bytes(px: Proxy) -> None:
     assert report["msg_req"] == 1 and report["msg_ack"] + report["msg_nak"] == 1
 
 
-def test_rates_after_a_burst_and_after_idling(px: Proxy) -> None:
+def test_rates_after_a_burst_and_after_idling(px: Launched) -> None:
     """1. 3 clients x 100 REQs, as fast as they go (well under a second).
     2. At once: the 1 s window holds at most all 300, the 10 s window exactly 300 / 10.
     3. After 1 s of silence the 1 s rates are exactly 0.0; the 10 s rates stay at 30.0.
@@ -143,7 +143,7 @@ def test_rates_after_a_burst_and_after_idling(px: Proxy) -> None:
     assert later["request_rate_10s"] == 30.0 and later["response_rate_10s"] == 30.0
 
 
-def test_rates_under_paced_traffic(px: Proxy) -> None:
+def test_rates_under_paced_traffic(px: Launched) -> None:
     """1. One connection sends 100 REQ per second for 2.5 s, paced by the test.
     2. The 1 s rate is about 100 (the test's own pacing jitter is the tolerance).
     3. The 10 s rate is exactly what was sent so far over 10.
@@ -168,16 +168,16 @@ def test_ipv6_and_any_address(foo_port: int) -> None:
     """1. `-listen=:0` (every interface) answers on 127.0.0.1 and ::1.
     2. `-listen=[::1]:0` works.  3. `-forward=localhost:P` reaches a server bound to
     127.0.0.1 only, whichever address localhost resolves to first."""
-    with proxy(None, "-listen=:0", forward=f"localhost:{foo_port}") as p:
+    with start_proxy(f"localhost:{foo_port}", "-listen=:0") as p:
         for host in ("127.0.0.1", "::1"):
             result = run_foo_client(f"-connect={'[::1]' if host == '::1' else host}:{p.port}")
             assert result.returncode == 0, result.stdout + result.stderr
         assert p.report()["msg_req"] == 200
-    with proxy(foo_port, "-listen=[::1]:0") as p:
+    with start_proxy(foo_port, "-listen=[::1]:0") as p:
         assert run_foo_client(f"-connect=[::1]:{p.port}").returncode == 0
 
 
-def test_two_hundred_clients_at_once(px: Proxy) -> None:
+def test_two_hundred_clients_at_once(px: Launched) -> None:
     """1. 200 connections of the fixed request set at once (hundreds, as the task asks).
     2. Every reply checks out and the counts are exact."""
     result = run_foo_client(f"-connect=127.0.0.1:{px.port}", "-connections=200", timeout=120)

@@ -10,21 +10,14 @@ from collections.abc import Callable
 
 import pytest
 
+from geventproxy.testing.launch import run_foo_client, start_foo_server
 from geventproxy.testing.protocol import (
     ERRDECODE_REPLY,
     MAX_LINE,
     decode_line,
     reply_for,
 )
-from tests.helpers import (
-    IO_TIMEOUT,
-    connect,
-    foo_server,
-    recv_lines,
-    run_foo_client,
-    start_foo_server,
-    stop_process,
-)
+from tests.helpers import IO_TIMEOUT, connect, recv_lines
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -67,13 +60,14 @@ def test_pipelined_window(foo_port: int) -> None:
 
 
 def test_fast_mode_server() -> None:
-    with foo_server("--fast") as (_, port):
-        proc = run_foo_client(f"-connect=127.0.0.1:{port}", "-window=50", "-seed=99")
+    with start_foo_server("--fast") as server:
+        proc = run_foo_client(f"-connect=127.0.0.1:{server.port}", "-window=50", "-seed=99")
     assert (proc.stdout, proc.returncode) == ("..........OK!\n", 0), proc.stderr
 
 
 def test_dual_stack_listen_accepts_ipv4_and_ipv6() -> None:
-    with foo_server("-listen=:0") as (_, port):
+    with start_foo_server(listen=":0") as server:
+        port = server.port
         proc = run_foo_client(f"-connect=127.0.0.1:{port}", "-requests=10")
         assert (proc.stdout, proc.returncode) == (".OK!\n", 0), proc.stderr
         if socket.has_ipv6:
@@ -87,10 +81,10 @@ def test_dual_stack_listen_accepts_ipv4_and_ipv6() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_server_exits_zero_on_signal(sig: int) -> None:
-    proc, port = start_foo_server()
-    with connect(port):  # an open connection must not keep it alive
-        assert stop_process(proc, sig) == 0
-    assert any("listening on 127.0.0.1:" in line for line in proc.stderr_lines)
+    server = start_foo_server()
+    with connect(server.port):  # an open connection must not keep it alive
+        assert server.stop(sig) == 0
+    assert any("listening on 127.0.0.1:" in line for line in server.stderr_lines)
 
 
 # --- reference server against a raw socket -----------------------------------------------

@@ -16,18 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from geventproxy.testing import launch
+from geventproxy.testing.launch import ROOT, Launched, run_foo_client, start_proxy
 from tests.helpers import (
-    REPO_ROOT,
-    Proxy,
     admin_address,
     connect,
     http_request,
-    proxy,
     recv_lines,
     report_when,
-    run_foo_client,
-    wait_exit,
     wait_until,
     worker_pids,
 )
@@ -40,7 +35,7 @@ RELOAD_TIMEOUT = 20.0
 CONNECTIONS = 3  # per reference client run, 100 REQs each: 88 ACK and 12 NAK
 
 
-def _events(p: Proxy, msg: str, **fields: Any) -> list[dict]:
+def _events(p: Launched, msg: str, **fields: Any) -> list[dict]:
     found = []
     for line in list(p.stderr_lines):
         try:
@@ -52,15 +47,15 @@ def _events(p: Proxy, msg: str, **fields: Any) -> list[dict]:
     return found
 
 
-def _wait_event(p: Proxy, msg: str, timeout: float = RELOAD_TIMEOUT, **fields: Any) -> dict:
+def _wait_event(p: Launched, msg: str, timeout: float = RELOAD_TIMEOUT, **fields: Any) -> dict:
     return wait_until(lambda: _events(p, msg, **fields), timeout=timeout)[0]
 
 
-def _pids(p: Proxy, generation: int) -> set[int]:
+def _pids(p: Launched, generation: int) -> set[int]:
     return {e["pid"] for e in _events(p, "worker started", generation=generation)}
 
 
-def _served_by(p: Proxy, pids: set[int]) -> int:
+def _served_by(p: Launched, pids: set[int]) -> int:
     return sum(1 for e in _events(p, "close") if e["pid"] in pids)
 
 
@@ -69,7 +64,7 @@ def _client_ok(port: int) -> None:
     assert (done.stdout, done.returncode) == ("..........OK!\n", 0), done.stdout + done.stderr
 
 
-def _reload(p: Proxy, generation: int) -> dict:
+def _reload(p: Launched, generation: int) -> dict:
     """SIGHUP; the parent's "reloaded" line once every new worker is ready."""
     p.proc.send_signal(signal.SIGHUP)
     return _wait_event(p, "reloaded", generation=generation)
@@ -120,7 +115,7 @@ def test_reloads_under_load_refuse_no_client(foo_port: int, tmp_path: Path) -> N
     """
     env_file = tmp_path / "geventproxy.env"
     env_file.write_text("# set on reload\n")
-    with proxy(foo_port, f"-env-file={env_file}", "-log-format=json") as p:
+    with start_proxy(foo_port, f"-env-file={env_file}", "-log-format=json") as p:
         loop = ClientLoop(p.port)
         try:
             for generation in range(2, 8):
@@ -173,7 +168,7 @@ def test_statistics_carry_on_across_a_reload(foo_port: int) -> None:
     4. The open client leaves: the old worker exits; the totals stay, and
        so do the 10 s rate and the latency window.
     """
-    with proxy(foo_port, "-log-format=json") as p:
+    with start_proxy(foo_port, "-log-format=json") as p:
         started = time.monotonic()
         _client_ok(p.port)
         with connect(p.port) as lingering:
@@ -225,7 +220,7 @@ def test_bad_configuration_on_reload_keeps_the_workers_serving(
     """
     env_file = tmp_path / "env"
     env_file.write_text("GEVENTPROXY_MAX_CONNECTIONS=100\n")
-    with proxy(foo_port, f"-env-file={env_file}", "-log-format=json") as p:
+    with start_proxy(foo_port, f"-env-file={env_file}", "-log-format=json") as p:
         first = worker_pids(p)
         env_file.write_text("GEVENTPROXY_MAX_CONNECTIONS=lots\n")
         p.proc.send_signal(signal.SIGHUP)
@@ -264,7 +259,7 @@ def _package_copy(tmp_path: Path) -> Path:
     """A copy of the package to upgrade in place; the proxy runs from it."""
     root = tmp_path / "site"
     shutil.copytree(
-        REPO_ROOT / "geventproxy",
+        ROOT / "geventproxy",
         root / "geventproxy",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
@@ -300,7 +295,7 @@ def test_upgrade_in_place_runs_the_new_code(foo_port: int, tmp_path: Path) -> No
     root = _package_copy(tmp_path)
     _set_version(root, "0.0.1")
     env = _from_copy(root)
-    with proxy(foo_port, "-log-format=json", env=env, cwd=str(root)) as p:
+    with start_proxy(foo_port, "-log-format=json", env=env, cwd=str(root)) as p:
         assert _wait_event(p, "listening")["version"] == "0.0.1"
         _client_ok(p.port)
         _set_version(root, "0.0.2")
@@ -337,7 +332,7 @@ def test_hung_worker_is_killed_and_replaced(foo_port: int) -> None:
        starts another in its place, which serves the next client.
     4. What the stopped worker counted stays in the sums.
     """
-    with proxy(foo_port, "-worker-timeout=2", "-log-format=json") as p:
+    with start_proxy(foo_port, "-worker-timeout=2", "-log-format=json") as p:
         _client_ok(p.port)
         stuck = worker_pids(p)[0]
         p.proc.send_signal(signal.SIGUSR1)  # a report: the parent is not the one stuck
@@ -367,15 +362,15 @@ def test_worker_failing_at_every_start_stops_the_proxy(foo_port: int, tmp_path: 
     worker.write_text(
         worker.read_text().replace(future, future + 'raise SystemExit("cannot start")\n')
     )
-    p = launch.start_proxy(
-        f"127.0.0.1:{foo_port}",
+    p = start_proxy(
+        foo_port,
         "-log-format=json",
         env=_from_copy(root),
         cwd=str(root),
         wait=False,
     )
     try:
-        assert wait_exit(p, timeout=30) == 3
+        assert p.wait_exit(timeout=30) == 3
         tries = _events(p, "worker failed to start, trying again")
         assert [t["attempts"] for t in tries] == [1, 2]
         assert _events(p, "worker fails at every start, stopping")[0]["attempts"] == 3
@@ -394,7 +389,7 @@ def test_the_admin_endpoint_answers_throughout_reloads(foo_port: int) -> None:
        that has not checked the upstream yet, none from an old one draining.
     4. /history is the same history (same instance), its sequence unbroken.
     """
-    with proxy(foo_port, "-admin=localhost:0", "-log-format=json") as p:
+    with start_proxy(foo_port, "-admin=localhost:0", "-log-format=json") as p:
         admin = admin_address(p)
         first = json.loads(http_request(admin, "/history")[2])
         answers: list[Any] = []

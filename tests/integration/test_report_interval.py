@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.helpers import Traffic, proxy, stdout_reports, wait_exit, wait_until
+from geventproxy.testing.launch import start_proxy
+from tests.helpers import Traffic, wait_until
 
 INTERVAL = 0.5
 # Counters only ever grow; gauges, rates, percentiles and uptime are left out.
@@ -36,20 +37,20 @@ def test_reports_arrive_every_interval(foo_port: int, workers: int) -> None:
     4. Every counter only grows from one line to the next; the last line after SIGTERM
        holds every REQ the client sent.
     """
-    with proxy(foo_port, f"-report-interval={INTERVAL}s", f"-workers={workers}") as p:
+    with start_proxy(foo_port, f"-report-interval={INTERVAL}s", f"-workers={workers}") as p:
         with Traffic(p.port, connections=4) as traffic:
             wait_until(lambda: len(p.stdout_lines) >= 3, timeout=10)
             for _ in range(3):
                 p.proc.send_signal(signal.SIGUSR1)
                 time.sleep(0.1)
             wait_until(
-                lambda: stdout_reports(p) and stdout_reports(p)[-1]["uptime_s"] >= 4.0,
+                lambda: p.stdout_reports() and p.stdout_reports()[-1]["uptime_s"] >= 4.0,
                 timeout=15,
             )
         assert not traffic.failures and traffic.requests > 0
         p.proc.send_signal(signal.SIGTERM)
-        assert wait_exit(p, timeout=15) == 0
-    reports = stdout_reports(p)  # fails on any line that is not one whole JSON object
+        assert p.wait_exit(timeout=15) == 0
+    reports = p.stdout_reports()  # fails on any line that is not one whole JSON object
     times = [r["uptime_s"] for r in reports]
     assert times == sorted(times)
     # From 1 s to 4 s of uptime: six ticks, or seven where the ticks' grid is not

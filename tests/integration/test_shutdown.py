@@ -17,26 +17,23 @@ import time
 
 import pytest
 
+from geventproxy.testing.launch import (
+    ROOT,
+    STARTUP_TIMEOUT,
+    Launched,
+    child_env,
+    run_foo_client,
+    start_proxy,
+)
 from tests.helpers import (
     IO_TIMEOUT,
-    REPO_ROOT,
     SLACK,
-    STARTUP_TIMEOUT,
-    Proxy,
     connect,
-    proxy,
-    proxy_listening,
     recv_lines,
     report_when,
     round_trip,
-    run_foo_client,
     scripted_upstream,
-    spawn_proxy,
-    start_proxy,
-    stdout_reports,
-    subprocess_env,
     wait_closed,
-    wait_exit,
     wait_until,
 )
 
@@ -49,9 +46,9 @@ def _refused(port: int) -> bool:
     return False
 
 
-def _final(p: Proxy) -> dict:
+def _final(p: Launched) -> dict:
     """The last stdout line: the report written at exit."""
-    reports = stdout_reports(p)
+    reports = p.stdout_reports()
     assert reports, "no final report on stdout"
     return reports[-1]
 
@@ -79,7 +76,7 @@ def test_sigterm_drains_an_open_conversation_then_exits_zero(foo_port: int) -> N
                 round_trip(client, seq)
             assert p.proc.poll() is None
             closed_at = time.monotonic()
-        assert wait_exit(p) == 0
+        assert p.wait_exit() == 0
         assert time.monotonic() - closed_at < SLACK
         final = _final(p)
         assert final["msg_req"] == 5 and final["connections_active"] == 0
@@ -106,7 +103,7 @@ def test_drain_timeout_closes_a_lingering_connection(foo_port: int) -> None:
             p.proc.send_signal(signal.SIGTERM)
             waited = wait_closed(client, timeout=IO_TIMEOUT + SLACK)
         assert 0.8 <= waited <= 1.0 + SLACK, waited
-        assert wait_exit(p) == 0
+        assert p.wait_exit() == 0
         final = _final(p)
         assert final["connections_closed"]["shutdown"] == 1
         assert final["connections_active"] == 0
@@ -131,7 +128,7 @@ def test_second_sigterm_exits_at_once(foo_port: int) -> None:
             p.wait_log("draining")
             forced_at = time.monotonic()
             p.proc.send_signal(signal.SIGTERM)
-            assert wait_exit(p) == 0
+            assert p.wait_exit() == 0
             assert time.monotonic() - forced_at < SLACK
             assert wait_closed(client, timeout=SLACK) < SLACK
         assert _final(p)["connections_closed"]["shutdown"] == 1
@@ -153,8 +150,8 @@ def test_sigusr1_burst_while_clients_run(foo_port: int) -> None:
         client = subprocess.Popen(
             [sys.executable, "-m", "geventproxy.testing.client", f"-connect=127.0.0.1:{p.port}"]
             + ["-connections=10"],
-            cwd=REPO_ROOT,
-            env=subprocess_env(),
+            cwd=ROOT,
+            env=child_env(),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -165,8 +162,8 @@ def test_sigusr1_burst_while_clients_run(foo_port: int) -> None:
         assert p.proc.poll() is None
         assert report_when(p, lambda r: r["msg_req"] == 1000)
         p.proc.send_signal(signal.SIGTERM)
-        assert wait_exit(p) == 0
-        reports = stdout_reports(p)
+        assert p.wait_exit() == 0
+        reports = p.stdout_reports()
         assert len(reports) >= 2
         assert reports[-1]["msg_req"] == 1000
     finally:
@@ -181,7 +178,7 @@ def _usr1_disposition_set(pid: int) -> bool:
     return bool((int(masks["SigIgn"], 16) | int(masks["SigCgt"], 16)) & bit)
 
 
-def _blast_usr1(p: Proxy, until: threading.Event, sent: list[float]) -> None:
+def _blast_usr1(p: Launched, until: threading.Event, sent: list[float]) -> None:
     while not until.is_set() and p.proc.poll() is None:
         try:
             p.proc.send_signal(signal.SIGUSR1)
@@ -202,7 +199,7 @@ def test_sigusr1_during_startup_never_kills(foo_port: int) -> None:
     3. It is alive, and at least 20 of the signals arrived before it listened.
     4. A report asked for now is written, and stdout holds only whole JSON lines.
     """
-    p = spawn_proxy(foo_port)
+    p = start_proxy(foo_port, wait=False)
     try:
         wait_until(
             lambda: p.proc.poll() is not None or _usr1_disposition_set(p.proc.pid),
@@ -212,7 +209,7 @@ def test_sigusr1_during_startup_never_kills(foo_port: int) -> None:
         blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
         blaster.start()
         try:
-            proxy_listening(p)
+            p.wait_ready()
             listening_at = time.monotonic()
             time.sleep(0.2)
         finally:
@@ -222,7 +219,7 @@ def test_sigusr1_during_startup_never_kills(foo_port: int) -> None:
         assert p.proc.poll() is None, f"killed after {len(sent)} signals:\n{p.log()}"
         assert early >= 20, early
         assert p.report()["msg_total"] == 0
-        stdout_reports(p)
+        p.stdout_reports()
     finally:
         p.stop()
 
@@ -245,13 +242,13 @@ def test_sigusr1_ignored_by_the_launcher_still_reports(foo_port: int) -> None:
     def ignore_usr1() -> None:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
-    p = spawn_proxy(foo_port, preexec_fn=ignore_usr1)
+    p = start_proxy(foo_port, preexec_fn=ignore_usr1, wait=False)
     try:
         done, sent = threading.Event(), []
         blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
         blaster.start()
         try:
-            proxy_listening(p)
+            p.wait_ready()
         finally:
             done.set()
             blaster.join(5)
@@ -279,13 +276,13 @@ def test_sigusr1_during_drain_and_exit_never_kills(foo_port: int) -> None:
             blaster = threading.Thread(target=_blast_usr1, args=(p, done, sent), daemon=True)
             blaster.start()
             try:
-                code = wait_exit(p)
+                code = p.wait_exit()
             finally:
                 done.set()
                 blaster.join(5)
         assert code == 0, f"exit {code} after {len(sent)} SIGUSR1:\n{p.log()}"
         assert len(sent) > 100
-        reports = stdout_reports(p)
+        reports = p.stdout_reports()
         assert reports[-1]["connections_closed"]["shutdown"] == 1
     finally:
         p.stop(signal.SIGKILL)
@@ -294,7 +291,7 @@ def test_sigusr1_during_drain_and_exit_never_kills(foo_port: int) -> None:
 # --- 12. logging --------------------------------------------------------------------------------
 
 
-def _json_lines(p: Proxy) -> list[dict]:
+def _json_lines(p: Launched) -> list[dict]:
     records = []
     for line in p.stderr_lines:
         record = json.loads(line)
@@ -335,7 +332,7 @@ def test_json_logs_one_object_per_line(foo_port: int) -> None:
             reset.close()
             report_when(p, lambda r: r["connections_active"] == 0)
             p.proc.send_signal(signal.SIGTERM)
-            assert wait_exit(p) == 0
+            assert p.wait_exit() == 0
         finally:
             p.stop(signal.SIGKILL)
     records = _json_lines(p)
@@ -348,7 +345,7 @@ def test_json_logs_one_object_per_line(foo_port: int) -> None:
         assert isinstance(record["duration_s"], (int, float))
     assert [r["reason"] for r in closes] == ["client_closed", "client_reset"]
     assert (closes[0]["bytes_in"], closes[0]["bytes_out"]) == (8, 8)
-    assert stdout_reports(p)[-1]["connections_closed"]["client_reset"] == 1
+    assert p.stdout_reports()[-1]["connections_closed"]["client_reset"] == 1
 
 
 def test_log_connections_false_drops_open_and_close_lines(foo_port: int) -> None:
@@ -364,7 +361,7 @@ def test_log_connections_false_drops_open_and_close_lines(foo_port: int) -> None
             round_trip(client, 1)
         report_when(p, lambda r: r["connections_active"] == 0)
         p.proc.send_signal(signal.SIGTERM)
-        assert wait_exit(p) == 0
+        assert p.wait_exit() == 0
     finally:
         p.stop(signal.SIGKILL)
     messages = [line.split()[2] for line in p.stderr_lines]
@@ -388,7 +385,7 @@ def test_strict_violation_log_escapes_and_truncates_peer_bytes(fmt: str) -> None
     """
     with (
         scripted_upstream() as upstream,
-        proxy(upstream.port, "--strict", f"--log-format={fmt}") as p,
+        start_proxy(upstream.port, "--strict", f"--log-format={fmt}") as p,
     ):
         with connect(p.port) as client:
             client.sendall(EVIL_LINE)
@@ -428,8 +425,8 @@ def test_stdout_nobody_reads_never_blocks_shutdown(foo_port: int, tmp_path, work
                 f"-workers={workers}",
                 "-drain-timeout=1",
             ],
-            cwd=REPO_ROOT,
-            env=subprocess_env(),
+            cwd=ROOT,
+            env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log_file,

@@ -14,17 +14,14 @@ import struct
 import threading
 import time
 
+from geventproxy.testing.launch import Launched, run_foo_client, start_proxy
 from geventproxy.testing.protocol import ALPHABET, ERRDECODE_REPLY, reply_for
 from tests.helpers import (
-    Proxy,
     connect,
     open_fds,
-    proxy,
     recv_all,
     recv_lines,
     report_when,
-    run_foo_client,
-    stdout_reports,
     tree_rss_kib,
     wait_until,
 )
@@ -143,7 +140,7 @@ def _client_loop(port: int, seed: int, deadline: float, load: Load) -> None:
             load.errors.append(f"{kind.__name__}: {exc!r}")
 
 
-def _signal_loop(p: Proxy, stop: threading.Event, sent: list[int]) -> None:
+def _signal_loop(p: Launched, stop: threading.Event, sent: list[int]) -> None:
     while not stop.wait(0.5):
         p.proc.send_signal(signal.SIGUSR1)
         sent[0] += 1
@@ -160,7 +157,7 @@ def test_soak_mixed_clients_with_reports(foo_port: int) -> None:
     5. connections_active and the descriptors return to where they were, and
        RSS grew by less than 8 MiB after the warm-up.
     """
-    with proxy(foo_port, "-log-connections=false") as p:
+    with start_proxy(foo_port, "-log-connections=false") as p:
         warm = run_foo_client(f"-connect=127.0.0.1:{p.port}")
         assert warm.returncode == 0
         report_when(p, lambda r: r["connections_active"] == 0)
@@ -190,7 +187,7 @@ def test_soak_mixed_clients_with_reports(foo_port: int) -> None:
         except AssertionError:
             raise AssertionError(f"{signals[0]} signals, {len(p.stdout_lines)} lines") from None
         time.sleep(0.3)  # a late extra line would show up now
-        reports = stdout_reports(p)
+        reports = p.stdout_reports()
         assert len(reports) == signals[0]
         for report in reports:
             closed = sum(report["connections_closed"].values())

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import foo_server, proxy, run_foo_client, subprocess_env, wait_until
+from geventproxy.testing.launch import child_env, run_foo_client, start_foo_server, start_proxy
+from tests.helpers import wait_until
 
 RATES = ("request_rate_1s", "request_rate_10s", "response_rate_1s", "response_rate_10s")
 
@@ -33,8 +34,8 @@ def _state_lines(log: str) -> list[str]:
 def test_totals_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     flag = f"-state-file={path}"
-    with foo_server() as (_, port):
-        with proxy(port, flag) as first:
+    with start_foo_server() as upstream:
+        with start_proxy(upstream.port, flag) as first:
             _traffic(first.port)
             assert first.stop() == 0
         totals = _totals(path)
@@ -45,7 +46,7 @@ def test_totals_survive_a_restart(tmp_path: Path) -> None:
         assert "connections_active" not in totals
         assert os.listdir(tmp_path) == ["state.json"]  # no temporary file left behind
 
-        with proxy(port, flag) as second:
+        with start_proxy(upstream.port, flag) as second:
             second.wait_log("state file loaded")
             report = second.report()
             assert (report["msg_total"], report["msg_req"], report["msg_ack"]) == (200, 100, 88)
@@ -66,7 +67,10 @@ def test_totals_survive_a_restart(tmp_path: Path) -> None:
 
 def test_written_periodically_while_running(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    with foo_server() as (_, port), proxy(port, f"-state-file={path}", "-state-interval=0.2") as p:
+    with (
+        start_foo_server() as upstream,
+        start_proxy(upstream.port, f"-state-file={path}", "-state-interval=0.2") as p,
+    ):
         _traffic(p.port)
         wait_until(
             lambda: path.exists() and _totals(path)["msg_req_client_to_upstream"] == 100,
@@ -79,7 +83,7 @@ def test_corrupt_file_is_logged_once_kept_aside_and_ignored(tmp_path: Path) -> N
     path = tmp_path / "state.json"
     corrupt = b'{"format": "geventproxy-state", "version": 1, "totals": {"msg_req_cl'
     path.write_bytes(corrupt)
-    with foo_server() as (_, port), proxy(port, f"-state-file={path}") as p:
+    with start_foo_server() as upstream, start_proxy(upstream.port, f"-state-file={path}") as p:
         _traffic(p.port)
         report = p.report()
         assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (100, 88, 12)
@@ -96,7 +100,7 @@ def test_a_path_that_can_never_be_written_is_refused_at_start(tmp_path: Path, wh
     path = tmp_path / "no-such-dir" / "state.json" if where == "missing-dir" else tmp_path
     done = subprocess.run(
         [sys.executable, "-m", "geventproxy", "-listen=127.0.0.1:0", f"-state-file={path}"],
-        env=subprocess_env(),
+        env=child_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -112,7 +116,7 @@ def test_a_directory_gone_while_running_is_logged_and_not_fatal(tmp_path: Path) 
     directory = tmp_path / "state"
     directory.mkdir()
     path = directory / "state.json"
-    with foo_server() as (_, port), proxy(port, f"-state-file={path}") as p:
+    with start_foo_server() as upstream, start_proxy(upstream.port, f"-state-file={path}") as p:
         _traffic(p.port)
         directory.rmdir()
         assert p.stop() == 0

@@ -11,9 +11,10 @@ import pytest
 
 from geventproxy.config import load
 from geventproxy.stats import Stats
+from geventproxy.testing.launch import start_proxy
 from geventproxy.workers import Restarts, Supervisor
 from geventproxy.workerset import WorkerSet
-from tests.helpers import proxy, worker_pid
+from tests.helpers import worker_pid
 
 PARENT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 
@@ -73,7 +74,7 @@ def test_the_parent_loads_no_gevent(foo_port: int) -> None:
         with open(f"/proc/{pid}/maps") as f:
             return f.read()
 
-    with proxy(foo_port) as p:
+    with start_proxy(foo_port) as p:
         assert "/gevent/" in mapped(worker_pid(p)) and "greenlet" in mapped(worker_pid(p))
         parent = mapped(p.proc.pid)
         assert "/gevent/" not in parent and "greenlet" not in parent

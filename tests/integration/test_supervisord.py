@@ -26,10 +26,11 @@ import pytest
 import supervisor  # noqa: F401 - the test needs supervisord; without it, fail, do not skip
 
 from geventproxy.config import load_with_file
-from tests.helpers import REPO_ROOT, foo_server, run_foo_client, subprocess_env, wait_until
+from geventproxy.testing.launch import ROOT, child_env, run_foo_client, start_foo_server
+from tests.helpers import wait_until
 
-DEPLOY = REPO_ROOT / "scripts" / "deploy" / "geventproxy.supervisord.conf"
-ENV_FILE = REPO_ROOT / "scripts" / "deploy" / "geventproxy.env"
+DEPLOY = ROOT / "scripts" / "deploy" / "geventproxy.supervisord.conf"
+ENV_FILE = ROOT / "scripts" / "deploy" / "geventproxy.env"
 SHIPPED_ENV_FILE = "/etc/geventproxy/geventproxy.env"
 CTL_TIMEOUT = 20.0
 
@@ -101,7 +102,7 @@ serverurl=unix://{tmp}/supervisor.sock
 def _ctl(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *args],
-        env=subprocess_env(),
+        env=child_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -139,13 +140,13 @@ def test_under_supervisord(tmp: Path) -> None:
     stopwaitsecs = int(_setting(section, "stopwaitsecs"))
     stats_log = Path(_setting(section, "stdout_logfile").replace("/var/log/geventproxy", str(tmp)))
     proxy_log = Path(_setting(section, "stderr_logfile").replace("/var/log/geventproxy", str(tmp)))
-    with foo_server() as (_, upstream_port):
+    with start_foo_server() as upstream:
         conf = tmp / "supervisord.conf"
-        _env_file(tmp, upstream_port)
+        _env_file(tmp, upstream.port)
         conf.write_text(_supervisord_conf(tmp, _adapted(section, tmp)))
         daemon = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
-            env=subprocess_env(),
+            env=child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -179,7 +180,7 @@ def test_under_supervisord(tmp: Path) -> None:
             assert report["msg_total"] == 200
 
             # A reload with a changed setting: same PID, new worker, nothing lost.
-            _env_file(tmp, upstream_port, "GEVENTPROXY_MAX_CONNECTIONS=777\n")
+            _env_file(tmp, upstream.port, "GEVENTPROXY_MAX_CONNECTIONS=777\n")
             ctl = _ctl(conf, "signal", "HUP", "geventproxy")
             assert ctl.returncode == 0, ctl.stdout + ctl.stderr
             wait_until(lambda: " reloaded generation=2 " in proxy_log.read_text(), timeout=20)

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from geventproxy.config import _FLAGS, ENV_PREFIX, Address, load_with_file
-from tests.helpers import REPO_ROOT
+from geventproxy.testing.launch import ROOT
 
-UNIT = REPO_ROOT / "scripts" / "deploy" / "geventproxy.service"
-ENV_FILE = REPO_ROOT / "scripts" / "deploy" / "geventproxy.env"
+UNIT = ROOT / "scripts" / "deploy" / "geventproxy.service"
+ENV_FILE = ROOT / "scripts" / "deploy" / "geventproxy.env"
 SHIPPED_ENV_FILE = "/etc/geventproxy/geventproxy.env"
 SHIPPED_PYTHON = "/opt/geventproxy/venv/bin/python"
 

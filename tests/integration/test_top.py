@@ -14,15 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import (
-    SLACK,
-    Traffic,
-    closed_port,
-    http_request,
-    proxy,
-    subprocess_env,
-    wait_until,
-)
+from geventproxy.testing.launch import child_env, start_proxy
+from tests.helpers import SLACK, Traffic, closed_port, http_request, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)"
@@ -36,7 +29,7 @@ class Tmux:
 
     def __init__(self, status_file: str) -> None:
         self.socket = f"geventproxy-test-{os.getpid()}-{next(_servers)}"
-        self.env = subprocess_env() | {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        self.env = child_env() | {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         self.socket_path = ""
         self.status_file = status_file
 
@@ -134,7 +127,7 @@ def test_top_in_tmux(foo_port: int, workers: int, tmux: Tmux) -> None:
     tmux.wait_screen(lambda s: "CANNOT REACH THE PROXY" in s and "Connection refused" in s)
 
     args = (f"-admin=127.0.0.1:{admin_port}", f"-workers={workers}", "-log-connections=false")
-    with proxy(foo_port, *args) as p:
+    with start_proxy(foo_port, *args) as p:
         with Traffic(p.port) as traffic:
             screen = tmux.wait_screen(
                 lambda s: (

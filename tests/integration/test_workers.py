@@ -7,14 +7,8 @@ import os
 import signal
 import time
 
-from tests.helpers import (
-    Proxy,
-    admin_address,
-    http_request,
-    proxy,
-    run_foo_client,
-    worker_pids,
-)
+from geventproxy.testing.launch import Launched, run_foo_client, start_proxy
+from tests.helpers import admin_address, http_request, worker_pids
 
 
 def _wait_for(predicate, timeout: float = 5.0) -> None:
@@ -24,7 +18,7 @@ def _wait_for(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def _worker_served(p: Proxy) -> set[str]:
+def _worker_served(p: Launched) -> set[str]:
     """Which worker pids logged a connection close (json logs carry the pid)."""
     return {
         line.split('"pid": ')[1].split(",")[0].split("}")[0]
@@ -42,7 +36,7 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(foo_port: int)
     4. 10 more clients: the totals grow by exactly their traffic.
     5. SIGTERM the parent: the workers drain, the parent prints a final line, exits 0.
     """
-    with proxy(foo_port, "-workers=2", "-log-format=json") as p:
+    with start_proxy(foo_port, "-workers=2", "-log-format=json") as p:
         _wait_for(lambda: len(worker_pids(p)) == 2)
         first = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=40", timeout=60)
         assert first.returncode == 0, first.stdout + first.stderr
@@ -79,7 +73,7 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(foo_port: int)
 def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(foo_port: int) -> None:
     """1. USR1 to every process (as `systemctl kill` does): exactly one line, the parent's.
     2. The workers are still there afterwards."""
-    with proxy(foo_port, "-workers=2") as p:
+    with start_proxy(foo_port, "-workers=2") as p:
         _wait_for(lambda: len(worker_pids(p)) == 2)
         workers = worker_pids(p)
         for pid in [p.proc.pid, *workers]:
@@ -97,7 +91,7 @@ def test_workers_serve_admin_and_keep_the_state_file(foo_port: int, tmp_path) ->
        with rates at zero."""
     state = tmp_path / "totals.json"
     args = ("-workers=2", "-admin=localhost:0", f"-state-file={state}", "-log-format=json")
-    with proxy(foo_port, *args) as p:
+    with start_proxy(foo_port, *args) as p:
         admin = admin_address(p)
         result = run_foo_client(f"-connect=127.0.0.1:{p.port}", "-connections=20")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -112,7 +106,7 @@ def test_workers_serve_admin_and_keep_the_state_file(foo_port: int, tmp_path) ->
         assert p.stop() == 0
     saved = json.loads(state.read_text())["totals"]
     assert saved["msg_req_client_to_upstream"] == 2000
-    with proxy(foo_port, *args) as p:
+    with start_proxy(foo_port, *args) as p:
         report = p.report()
         assert (report["msg_req"], report["msg_ack"], report["msg_nak"]) == (2000, 1760, 240)
         assert report["request_rate_1s"] == 0.0 and report["request_rate_10s"] == 0.0
@@ -124,7 +118,7 @@ def test_workers_exit_when_the_parent_is_killed(foo_port: int) -> None:
     """1. -workers=2, then SIGKILL to the parent (as the OOM killer would).
     2. The orphaned workers notice, drain and exit by themselves within a few seconds,
        instead of holding the port for ever."""
-    with proxy(foo_port, "-workers=2", "-drain-timeout=1") as p:
+    with start_proxy(foo_port, "-workers=2", "-drain-timeout=1") as p:
         _wait_for(lambda: len(worker_pids(p)) == 2)
         workers = worker_pids(p)
         p.proc.kill()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from geventproxy import accel
 from geventproxy.sharedstats import SharedStats
 from geventproxy.stats import Stats, new_block, snapshot
-from tests.helpers import REPO_ROOT
+from geventproxy.testing.launch import ROOT
 from tests.unit.fakes import FakeClock, S
 from tests.unit.implementations import COMPILED, PURE, REFERENCE
 
@@ -303,8 +303,8 @@ def test_held_bytes_stay_bounded_under_an_endless_line() -> None:
 def _version(env: dict[str, str]) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "geventproxy", "--version"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=30,

@@ -22,7 +22,7 @@ from geventproxy.config import (
     unknown_environment,
 )
 from geventproxy.stats import Stats, snapshot
-from tests.helpers import REPO_ROOT, subprocess_env
+from geventproxy.testing.launch import ROOT, child_env
 
 # flag -> (text, the Config value it gives). Every flag must be here.
 SAMPLES: dict[str, tuple[str, Any]] = {
@@ -71,8 +71,8 @@ def _env(flag: str) -> str:
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "geventproxy", *args],
-        cwd=REPO_ROOT,
-        env={**subprocess_env(), **(env or {})},
+        cwd=ROOT,
+        env=child_env(env),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

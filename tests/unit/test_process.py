@@ -11,7 +11,7 @@ import time
 import pytest
 
 from geventproxy import process
-from tests.helpers import subprocess_env
+from geventproxy.testing.launch import child_env
 
 # /proc/PID/stat of a process whose name holds spaces and parentheses, as the kernel
 # writes it: fields 14-15 utime/stime 250+150 ticks, 22 starttime 5000 ticks,
@@ -77,7 +77,7 @@ def test_set_name_is_what_ps_shows() -> None:
         "print(open('/proc/self/comm').read().strip())"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "geventproxy w12\n"  # the kernel keeps 15 bytes
