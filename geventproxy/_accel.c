@@ -1063,11 +1063,12 @@ static PyTypeObject MeterType = {
 /* ------------------------------------------------------------------------ */
 /* copy(): relay._copy with the socket calls and the accounting in C.        */
 
-/* One buffer for the process: a chunk lives in it only from its recv to the
- * end of its accounting, with no greenlet switch in between; a partial send
- * is finished from a bytes copy of the chunk, in Python (relay._send_rest). */
-static unsigned char *copy_buf;
-static Py_ssize_t copy_buf_size;
+/* One buffer per thread: a chunk lives in it from its recv to the end of its
+ * accounting, and only C runs in between (no Python code, so no greenlet
+ * switch); a partial send is copied out first and finished from that copy,
+ * in Python (relay._send_rest). */
+static _Thread_local unsigned char *copy_buf;
+static _Thread_local Py_ssize_t copy_buf_size;
 static PyObject *owed_name;   /* "owed", interned */
 
 /* The errnos of relay._RESETS: ConnectionResetError, BrokenPipeError (EPIPE,
@@ -1088,7 +1089,12 @@ static int list_add(PyObject *list, Py_ssize_t i, int64_t d)
     long long v = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
     if (v == -1 && PyErr_Occurred())
         return -1;
-    PyObject *obj = PyLong_FromLongLong(v + d);
+    long long sum;
+    if (__builtin_add_overflow(v, d, &sum)) {
+        PyErr_SetString(PyExc_OverflowError, "counter overflow");
+        return -1;
+    }
+    PyObject *obj = PyLong_FromLongLong(sum);
     if (obj == NULL)
         return -1;
     PyObject *old = PyList_GET_ITEM(list, i);
@@ -1100,6 +1106,10 @@ static int list_add(PyObject *list, Py_ssize_t i, int64_t d)
 /* lines[1] >= tally.owed: the client has half-closed and has every reply (1), or not (0). */
 static int answered(PyObject *tally, PyObject *lines)
 {
+    if (!PyList_CheckExact(lines) || PyList_GET_SIZE(lines) != 2) {
+        PyErr_SetString(PyExc_TypeError, "expected a list of two counters");
+        return -1;
+    }
     PyObject *owed = PyObject_GetAttr(tally, owed_name);
     if (owed == NULL)
         return -1;
@@ -1140,7 +1150,9 @@ static PyObject *send_rest_failed(PyObject *outcomes)
  *   send_rest  send_rest(data, sent) finishes a partial send (relay._send_rest)
  *   park       the exception (relay.Park) that asks the loop to return PARKED
  *   outcomes   (eof, source error, destination error, "error", PARKED, ANSWERED)
- * The steps, their order and the outcomes are relay._copy's. */
+ * The steps, their order and the outcomes are relay._copy's. The descriptors
+ * are read once: the sockets must stay open until the loop has returned (the
+ * connection closes them only after both of its loops have ended). */
 static PyObject *accel_copy(PyObject *module, PyObject *args)
 {
     PyObject *wait, *meter_obj, *tally, *send_rest, *park, *outcomes;
@@ -1155,8 +1167,6 @@ static PyObject *accel_copy(PyObject *module, PyObject *args)
         return NULL;
     }
     MeterObject *meter = (MeterObject *)meter_obj;
-    if (meter_ready(meter) < 0)
-        return NULL;
     PyObject *moved = PyObject_GetAttrString(tally, "bytes");
     PyObject *lines = moved == NULL ? NULL : PyObject_GetAttrString(tally, "lines");
     PyObject *result = NULL;
@@ -1196,28 +1206,30 @@ static PyObject *accel_copy(PyObject *module, PyObject *args)
             result = outcome(outcomes, O_EOF);
             goto done;
         }
-        /* Forward first, at once. */
-        ssize_t sent;
-        while ((sent = send(dst, copy_buf, (size_t)n, MSG_NOSIGNAL)) < 0 && errno == EINTR)
-            if (PyErr_CheckSignals() < 0)
-                goto done;
+        /* Forward first, at once (no retry on EINTR: a signal handler must not
+         * run while the chunk is only in copy_buf; a short send is finished below). */
+        ssize_t sent = send(dst, copy_buf, (size_t)n, MSG_NOSIGNAL);
         if (sent < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                 result = outcome(outcomes, is_reset(errno) ? O_DST_ERROR : O_ERROR);
                 goto done;
             }
             sent = 0;
         }
+        /* What is left to send is copied out before anything that could run Python. */
+        PyObject *rest = NULL;
+        if (sent < n && (rest = PyBytes_FromStringAndSize((const char *)copy_buf, n)) == NULL)
+            goto done;
         /* Then count, before finishing a partial send (see relay._copy). */
         int64_t completed;
-        if (list_add(moved, direction, n) < 0 || meter_account(meter, copy_buf, n, &completed) < 0 ||
-            list_add(lines, direction, completed) < 0)
+        if (meter_ready(meter) < 0 || list_add(moved, direction, n) < 0 ||
+            meter_account(meter, copy_buf, n, &completed) < 0 ||
+            list_add(lines, direction, completed) < 0) {
+            Py_XDECREF(rest);
             goto done;
-        if (sent < n) {   /* wait for writability, in Python */
-            PyObject *data = PyBytes_FromStringAndSize((const char *)copy_buf, n);
-            if (data == NULL)
-                goto done;
-            r = PyObject_CallFunction(send_rest, "Nn", data, (Py_ssize_t)sent);
+        }
+        if (rest != NULL) {   /* wait for writability, in Python */
+            r = PyObject_CallFunction(send_rest, "Nn", rest, (Py_ssize_t)sent);
             if (r == NULL) {
                 result = send_rest_failed(outcomes);
                 goto done;

@@ -126,32 +126,128 @@ def test_copies_counts_and_half_closes(run: Run) -> None:
     assert report["bytes_client_to_upstream"] == len(data)
 
 
+def _numbered(kind: bytes, count: int) -> bytes:
+    """``count`` lines that differ from each other, so a slice of them is found in one place."""
+    return b"".join(b"%s %08d payload-%08d\n" % (kind, i, i) for i in range(count))
+
+
+class PartialSends(Run):
+    """A Run with small socket buffers that records each call of relay._send_rest.
+
+    Each record is (bytes counted, lines counted, the chunk, bytes already sent)
+    as they stood when the loop handed the rest of a chunk over.
+    """
+
+    def __init__(self, loop, monkeypatch: pytest.MonkeyPatch, direction: int = CLIENT_TO_UPSTREAM):
+        self.calls: list[tuple[int, int, bytes, int]] = []
+        send_rest = relay._send_rest
+
+        def recorded(*args):
+            i = self.direction.index
+            self.calls.append((self.tally.bytes[i], self.tally.lines[i], bytes(args[-2]), args[-1]))
+            return send_rest(*args)
+
+        monkeypatch.setattr(relay, "_send_rest", recorded)
+        super().__init__(loop, monkeypatch, small_buffers=True, direction=direction)
+
+    def stuck(self, data: bytes, then_eof: bool = True) -> gevent.Greenlet:
+        """Send ``data`` while nobody reads it: the relay ends up inside a partial send."""
+        writer = gevent.spawn(
+            lambda: (self.client.sendall(data), then_eof and self.client.shutdown(socket.SHUT_WR))
+        )
+        gevent.sleep(0.3)
+        assert self.calls, "no send was partial: the test would not test backpressure"
+        assert not self.greenlet.ready()
+        return writer
+
+
 @pytest.mark.parametrize("loop", LOOPS)
-def test_backpressure_finishes_partial_sends(loop, monkeypatch) -> None:
-    """1. Small socket buffers; the client sends 512 KiB of REQs while the upstream
+def test_backpressure_counts_each_chunk_before_its_rest_is_sent(loop, monkeypatch) -> None:
+    """1. Small socket buffers; the client sends ~800 KiB of REQs while the upstream
        does not read: the relay's sends are partial and it waits for writability.
-    2. The upstream then reads everything: every byte arrives, in order, counted once."""
-    partial_sends = []
-    send_rest = relay._send_rest
-
-    def counted(*args):
-        partial_sends.append(args[-1])
-        return send_rest(*args)
-
-    monkeypatch.setattr(relay, "_send_rest", counted)
-    run = Run(loop, monkeypatch, small_buffers=True)
+    2. The upstream then reads everything: every byte arrives, in order, counted once.
+    3. Each chunk was counted before the rest of it was sent (replies to its first
+       part may come meanwhile and must find their REQs timed)."""
+    run = PartialSends(loop, monkeypatch)
     try:
-        line = b"REQ 123456 abcdefghijklmnopqrstuvwxyz\n"
-        data = line * (512 * 1024 // len(line))
-        writer = gevent.spawn(lambda: (run.client.sendall(data), run.client.shutdown(1)))
-        gevent.sleep(0.3)  # the relay is stuck in a partial send by now
-        assert not run.greenlet.ready()
+        data = _numbered(b"REQ", 30000)
+        writer = run.stuck(data)
         assert _read_to_eof(run.upstream) == data
         writer.get(timeout=10)
         assert run.outcome() == "client_closed"
         assert run.tally.lines[0] == data.count(b"\n")
         assert snapshot([run.stats.block], 0)["msg_req"] == data.count(b"\n")
-        assert partial_sends, "no send was partial: the test did not test backpressure"
+        for counted, lines, chunk, _ in run.calls:
+            assert data[counted - len(chunk) : counted] == chunk
+            assert lines == data[:counted].count(b"\n")
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_destination_reset_during_a_partial_send(loop, monkeypatch) -> None:
+    """1. The relay is inside a partial send. 2. The upstream resets: upstream_reset."""
+    run = PartialSends(loop, monkeypatch)
+    try:
+        writer = run.stuck(_numbered(b"REQ", 30000), then_eof=False)
+        _reset(run.upstream)
+        assert run.outcome() == "upstream_reset" and run.ended == ["upstream_reset"]
+        writer.kill()
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_park_during_a_partial_send_is_ignored(loop, monkeypatch) -> None:
+    """1. The relay is inside a partial send. 2. Park is thrown in: it goes on.
+    3. Every byte arrives, then the half-close."""
+    run = PartialSends(loop, monkeypatch)
+    try:
+        data = _numbered(b"REQ", 30000)
+        run.stuck(data)
+        run.greenlet.kill(Park, block=False)
+        gevent.sleep(0.05)
+        assert not run.greenlet.ready()
+        assert _read_to_eof(run.upstream) == data
+        assert run.outcome() == "client_closed"
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_killed_during_a_partial_send_or_a_wait(loop, monkeypatch) -> None:
+    """A greenlet killed inside a partial send, or while waiting for its source,
+    ends with 'error' and leaves its readability watcher stopped."""
+    run = PartialSends(loop, monkeypatch)
+    idle = Run(loop, monkeypatch)
+    try:
+        writer = run.stuck(_numbered(b"REQ", 30000), then_eof=False)
+        gevent.sleep(0.05)
+        for r in (run, idle):
+            r.greenlet.kill(block=True, timeout=5)
+            assert r.greenlet.dead and r.ended == ["error"]
+            assert not r.direction.readable.active
+        writer.kill()
+    finally:
+        run.close()
+        idle.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_answered_after_a_partial_send(loop, monkeypatch) -> None:
+    """1. The client has half-closed and is owed 30,000 replies; they come in one burst
+    that the client does not read at first. 2. Once it reads them all: ANSWERED."""
+    run = PartialSends(loop, monkeypatch, direction=UPSTREAM_TO_CLIENT)
+    try:
+        data = _numbered(b"ACK", 30000)
+        run.tally.owed = 30000
+        run.stuck(data, then_eof=False)
+        got = bytearray()
+        while len(got) < len(data):
+            got += run.upstream.recv(65536)
+        assert bytes(got) == data
+        assert run.outcome() == ANSWERED and run.ended == [ANSWERED]
+        assert run.tally.lines == [0, 30000]
     finally:
         run.close()
 
@@ -235,4 +331,22 @@ def test_nothing_owed_while_the_client_sends(loop, monkeypatch) -> None:
         run.client.shutdown(socket.SHUT_WR)
         assert run.outcome() == "upstream_closed"
     finally:
+        run.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_error_that_is_not_a_reset(loop, monkeypatch) -> None:
+    """recv on a socket that was never connected (ENOTCONN) ends the loop with 'error'."""
+    run = Run(loop, monkeypatch)
+    unconnected = socket.socket()
+    unconnected.setblocking(False)
+    hub = get_hub()
+    d = Direction(hub, CLIENT_TO_UPSTREAM, unconnected, run.dst, run.direction.scanner, print)
+    ended: list[str] = []
+    try:
+        greenlet = gevent.spawn(relay.relay, hub, d, run.stats, Tally(), 65536, ended.append)
+        assert greenlet.get(timeout=10) == "error" and ended == ["error"]
+    finally:
+        d.close()
+        unconnected.close()
         run.close()
