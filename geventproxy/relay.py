@@ -133,7 +133,11 @@ class Direction:
 def relay(
     hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: int, ended: Callable[[str], None]
 ) -> str:
-    """Run one direction until it ends or is parked; tell ``ended`` when it ends."""
+    """Run one direction until it ends or is parked; tell ``ended`` when it ends.
+
+    The sockets must stay open until this returns: the compiled loop reads
+    their descriptors once (the connection closes them after both loops end).
+    """
     outcome = ERROR
     readable = d.readable
     readable.start(getcurrent().switch)  # the loop resumes this greenlet when src is readable
