@@ -120,9 +120,12 @@ class Connection:
         scanner = (
             StrictFilter(max_line) if strict else new_meter(CLIENT_TO_UPSTREAM, max_line, timer)
         )
-        up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
+        # Only the strict filter reports its messages to the timer itself; a Meter times them.
+        up = Direction(
+            hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent if strict else None
+        )
         meter = new_meter(UPSTREAM_TO_CLIENT, max_line, timer)
-        down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter, timer.answered)
+        down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter)
         self._up, self._down = up, down
         up.readable.start(self._wake_up)  # the client side starts when the client first sends
         try:

@@ -118,7 +118,7 @@ class Direction:
         src: socket.socket,
         dst: socket.socket,
         scanner: Meter | StrictFilter,
-        on_messages: Callable[[int, Counts], None],
+        on_messages: Callable[[int, Counts], None] | None = None,
     ) -> None:
         self.index = index
         self.src = src
@@ -299,7 +299,7 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
                 return _failed(exc, dst_error)
             tally.bytes[CLIENT_TO_UPSTREAM] += len(good)
             now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
-            if now:  # counted before the rest is sent, as in _copy
+            if now and d.on_messages is not None:  # counted before the rest is sent, as in _copy
                 d.on_messages(now, counts)
             tally.lines[CLIENT_TO_UPSTREAM] += counts[0]
             if sent < len(good):
