@@ -76,11 +76,7 @@ def test_set_name_is_what_ps_shows() -> None:
         "assert process.set_name('geventproxy w12345')\n"
         "print(open('/proc/self/comm').read().strip())"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "geventproxy w12\n"  # the kernel keeps 15 bytes
+    assert _run_python(code) == "geventproxy w12\n"  # the kernel keeps 15 bytes
 
 
 def test_trim_heap_gives_back_the_pages_of_blocks_freed_between_live_ones() -> None:
@@ -99,9 +95,14 @@ def test_trim_heap_gives_back_the_pages_of_blocks_freed_between_live_ones() -> N
         "assert process.trim_heap()\n"
         "print(before, rss())"
     )
+    before, after = map(int, _run_python(code).split())
+    assert before - after > 24, (before, after)
+
+
+def _run_python(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter (its own process name and heap)."""
     done = subprocess.run(
         [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    before, after = map(int, done.stdout.split())
-    assert before - after > 24, (before, after)
+    return done.stdout
