@@ -26,8 +26,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-import gevent
-from gevent.event import Event
+from greenlet import GreenletExit, getcurrent, greenlet
 
 from .accel import new_meter, new_timer
 from .codec import StrictFilter
@@ -71,6 +70,11 @@ class Connection:
         "_up",
         "_down",
         "_up_greenlet",
+        "_up_done",
+        "_waiting",
+        "_hub",
+        "_stats",
+        "_bufsize",
     )
 
     def __init__(self, conn_id: int, peer: str) -> None:
@@ -86,12 +90,16 @@ class Connection:
         self.seen_at = self.started  # when that number last changed
         self._up: Direction | None = None
         self._down: Direction | None = None
-        self._up_greenlet: gevent.Greenlet | None = None  # None while parked
+        self._up_greenlet: greenlet | None = None  # None while parked
+        self._up_done = False  # the client side has ended for good
+        self._waiting: greenlet | None = None  # the handler, once only the client side is left
+        # What the client side needs each time it starts again (no closure per connection).
+        self._hub: Hub | None = None
+        self._stats: Stats | None = None
+        self._bufsize = 0
 
     # -- running ---------------------------------------------------------------
 
-    # Long for a reason: its two closures share the connection's state (the parked
-    # client side restarts through them), and the finally must see all of it.
     def run(
         self,
         hub: Hub,
@@ -107,53 +115,81 @@ class Connection:
         self.seen_at = time.monotonic()  # idle time counts from here, not from the accept
         if self.reason is not None:  # aborted while dialling (the drain deadline)
             self.abort(self.reason)
+        self._hub, self._stats, self._bufsize = hub, stats, bufsize
         timer = new_timer(stats)
         scanner = (
             StrictFilter(max_line) if strict else new_meter(CLIENT_TO_UPSTREAM, max_line, timer)
         )
-        up = Direction(hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent)
+        # Only the strict filter reports its messages to the timer itself; a Meter times them.
+        up = Direction(
+            hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent if strict else None
+        )
         meter = new_meter(UPSTREAM_TO_CLIENT, max_line, timer)
-        down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter, timer.answered)
+        down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter)
         self._up, self._down = up, down
-        done = Event()
-
-        def run_up() -> None:
-            outcome = ERROR
-            try:
-                outcome = relay(hub, up, stats, self.tally, bufsize, self.ended)
-            finally:
-                self._up_greenlet = None
-                if outcome == PARKED:
-                    up.readable.start(wake_up)
-                else:
-                    done.set()
-
-        def wake_up() -> None:  # a loop callback: only starts the greenlet
-            up.readable.stop()
-            self._up_greenlet = gevent.spawn(run_up)
-
-        up.readable.start(wake_up)  # the client side starts when the client first sends
+        up.readable.start(self._wake_up)  # the client side starts when the client first sends
         try:
             relay(hub, down, stats, self.tally, bufsize, self.ended)
-            done.wait()  # after a half-close the client side goes on until it ends too
+            # After a half-close the client side goes on until it ends too.
+            self._waiting = getcurrent()
+            while not self._up_done:
+                hub.switch()  # switched back by _run_up, through the loop
         finally:
             # Normally both loops are over here. Should this greenlet be killed
-            # instead, stop the client side before its watchers and sockets go.
-            if not done.is_set():
+            # instead, end the client side before its watchers and sockets go.
+            if not self._up_done:
                 self.abort(self.reason or ERROR)
+                running = self._up_greenlet
+                if running is not None:
+                    self._waiting = getcurrent()
+                    hub.loop.run_callback(self._throw, running, GreenletExit)
+                    while self._up_greenlet is running:
+                        hub.switch()
                 up.readable.stop()
-                if self._up_greenlet is not None:
-                    self._up_greenlet.kill()
+            self._waiting = None
             up.close()
             down.close()
         return self.reason or self.first_eof or ERROR
 
+    def _wake_up(self) -> None:
+        """The parked client side has a byte to read: a loop callback, it starts a greenlet.
+
+        A plain greenlet, child of the hub, not a gevent.Greenlet: nothing
+        joins or links to it (the handler waits through ``_waiting``), and it
+        is a few hundred bytes lighter while it runs and after it ends.
+        """
+        assert self._up is not None and self._hub is not None
+        self._up.readable.stop()
+        running = self._up_greenlet = greenlet(self._run_up, self._hub)
+        running.switch()  # runs until its first wait, then the loop goes on
+
+    def _throw(self, running: greenlet, exc: type[BaseException]) -> None:
+        """A loop callback: raise ``exc`` in the client side, if ``running`` still is it."""
+        if self._up_greenlet is running:
+            running.throw(exc)
+
+    def _run_up(self) -> None:
+        """The client-to-upstream loop, until it ends or is parked."""
+        up = self._up
+        assert up is not None and self._hub is not None and self._stats is not None
+        outcome = ERROR
+        try:
+            outcome = relay(self._hub, up, self._stats, self.tally, self._bufsize, self.ended)
+        finally:
+            self._up_greenlet = None
+            if outcome == PARKED:
+                up.readable.start(self._wake_up)
+            else:
+                self._up_done = True
+            if self._waiting is not None:  # the handler waits for this side alone
+                self._hub.loop.run_callback(self._waiting.switch)
+
     def park(self) -> bool:
         """Give back the client side's greenlet if it only waits for the client."""
-        up, greenlet = self._up, self._up_greenlet
-        if up is None or greenlet is None or not up.readable.active:
+        up, running, hub = self._up, self._up_greenlet, self._hub
+        if up is None or running is None or hub is None or not up.readable.active:
             return False
-        greenlet.kill(Park, block=False)
+        hub.loop.run_callback(self._throw, running, Park)
         return True
 
     # -- ending ------------------------------------------------------------------

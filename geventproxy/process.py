@@ -13,9 +13,17 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-__all__ = ["Figures", "figures", "parse_limits", "parse_stat", "set_name", "boot_time"]
+__all__ = [
+    "Figures",
+    "figures",
+    "parse_limits",
+    "parse_stat",
+    "set_name",
+    "boot_time",
+    "trim_heap",
+]
 
 #: prctl option that names the calling thread (the process, from its main thread).
 PR_SET_NAME = 15
@@ -51,6 +59,36 @@ def set_name(name: str) -> bool:
         return libc.prctl(PR_SET_NAME, name.encode()[:NAME_MAX], 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _libc_function(name: str) -> Any:
+    """A C library function by name, or None where the library has none of that name."""
+    try:
+        # The symbols already loaded, libc's among them: no library search (which
+        # would run a subprocess) in a worker that has just been forked.
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim: Any = False  # looked up on first use
+
+
+def trim_heap() -> bool:
+    """Give the free pages inside the C heap back to the system (glibc's ``malloc_trim``).
+
+    Blocks that many ended greenlets freed at once (their saved stacks)
+    lie between blocks still in use, so the heap cannot shrink from its
+    top: without this they stay resident until reused. False where the C
+    library has no ``malloc_trim`` (not glibc).
+    """
+    global _malloc_trim
+    if _malloc_trim is False:
+        _malloc_trim = _libc_function("malloc_trim") if sys.platform.startswith("linux") else None
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 def parse_stat(text: str, clock_ticks: int, page_size: int, booted_at: float) -> dict[str, float]:

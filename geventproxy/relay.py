@@ -104,9 +104,14 @@ class Park(Exception):
 
 
 class Direction:
-    """One direction of a connection: what its copy loop needs, kept across parking."""
+    """One direction of a connection: what its copy loop needs, kept across parking.
 
-    __slots__ = ("index", "src", "dst", "readable", "writable", "scanner", "on_messages")
+    Its ``writable`` watcher is made on first use, by ``finish_send``: most
+    connections never see a partial send, and an idle one so holds one
+    watcher per direction, not two.
+    """
+
+    __slots__ = ("index", "src", "dst", "readable", "scanner", "on_messages", "_hub", "_writable")
 
     def __init__(
         self,
@@ -115,19 +120,51 @@ class Direction:
         src: socket.socket,
         dst: socket.socket,
         scanner: Meter | StrictFilter,
-        on_messages: Callable[[int, Counts], None],
+        on_messages: Callable[[int, Counts], None] | None = None,
     ) -> None:
         self.index = index
         self.src = src
         self.dst = dst
         self.readable = hub.loop.io(src.fileno(), 1)
-        self.writable = hub.loop.io(dst.fileno(), 2)
         self.scanner = scanner
         self.on_messages = on_messages
+        self._hub = hub
+        self._writable: Any = None
+
+    @property
+    def writable(self) -> Any:
+        """The watcher for ``dst``'s writability, made on first use."""
+        if self._writable is None:
+            self._writable = self._hub.loop.io(self.dst.fileno(), 2)
+        return self._writable
+
+    def finish_send(self, data: bytes, sent: int) -> None:
+        """Finish a partial send: stop reading, wait for writability between tries.
+
+        The copy loop calls it only when the kernel took less than the chunk;
+        raises what ``send`` raises.
+        """
+        readable, writable, send, hub = self.readable, self.writable, self.dst.send, self._hub
+        readable.stop()
+        view = memoryview(data)
+        total = len(data)
+        try:
+            while sent < total:
+                try:
+                    hub.wait(writable)
+                except Park:
+                    continue  # a chunk is in flight: not a place to park
+                try:
+                    sent += send(view[sent:])
+                except BlockingIOError:
+                    pass
+        finally:
+            readable.start(getcurrent().switch)
 
     def close(self) -> None:
         self.readable.close()
-        self.writable.close()
+        if self._writable is not None:
+            self._writable.close()
 
 
 def relay(
@@ -165,8 +202,7 @@ def relay(
                 d.index,
                 d.src,
                 d.dst,
-                readable,
-                d.writable,
+                d,
                 d.scanner.account,
                 tally,
                 bufsize,
@@ -185,27 +221,6 @@ def _half_close(sock: socket.socket) -> None:
         pass
 
 
-def _send_rest(
-    hub: Hub, readable: Any, writable: Any, send: Callable[..., int], data: bytes, sent: int
-) -> None:
-    """Finish a partial send: stop reading, wait for writability between tries."""
-    readable.stop()
-    view = memoryview(data)
-    total = len(data)
-    try:
-        while sent < total:
-            try:
-                hub.wait(writable)
-            except Park:
-                continue  # a chunk is in flight: not a place to park
-            try:
-                sent += send(view[sent:])
-            except BlockingIOError:
-                pass
-    finally:
-        readable.start(getcurrent().switch)
-
-
 # Long by design: the hot path, kept in one frame so that every name it uses is a
 # local (a helper call per chunk would cost more than some of the steps it holds).
 def _copy(
@@ -213,8 +228,7 @@ def _copy(
     direction: int,
     src: socket.socket,
     dst: socket.socket,
-    readable: Any,
-    writable: Any,
+    d: Direction,
     account: Callable[[bytes], int],
     tally: Tally,
     bufsize: int,
@@ -268,7 +282,7 @@ def _copy(
         # Wait for writability only if the kernel took less than the chunk.
         if sent < n:
             try:
-                _send_rest(hub, readable, writable, send, data, sent)
+                d.finish_send(data, sent)
             except OSError as exc:
                 return _failed(exc, dst_error)
         if lines[1] >= tally.owed:  # UPSTREAM_TO_CLIENT; see the docstring
@@ -308,12 +322,12 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
                 return _failed(exc, dst_error)
             tally.bytes[CLIENT_TO_UPSTREAM] += len(good)
             now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
-            if now:  # counted before the rest is sent, as in _copy
+            if now and d.on_messages is not None:  # counted before the rest is sent, as in _copy
                 d.on_messages(now, counts)
             tally.lines[CLIENT_TO_UPSTREAM] += counts[0]
             if sent < len(good):
                 try:
-                    _send_rest(hub, d.readable, d.writable, d.dst.send, good, sent)
+                    d.finish_send(good, sent)
                 except OSError as exc:
                     return _failed(exc, dst_error)
         if violation is not None:

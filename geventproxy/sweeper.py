@@ -15,6 +15,7 @@ import gevent
 
 from .config import Config
 from .connection import Connection
+from .process import trim_heap
 from .stats import CLIENT_FIN_TIMEOUT, IDLE_TIMEOUT, UPSTREAM_CLOSED
 
 __all__ = ["Sweeper"]
@@ -22,6 +23,10 @@ __all__ = ["Sweeper"]
 
 class Sweeper:
     """Closes connections past a deadline and parks idle ones, every ``tick`` seconds."""
+
+    #: Parked client sides after which the C heap's free pages go back to the system
+    #: (process.trim_heap: a parked greenlet's saved stack is freed amid live blocks).
+    trim_after = 256
 
     def __init__(
         self,
@@ -42,6 +47,7 @@ class Sweeper:
         self.tick = min(interval, max(0.02, shortest / 4))
         self._finished = finished
         self._greenlet: gevent.Greenlet | None = None
+        self._parked = 0  # since the last trim
 
     @property
     def running(self) -> bool:
@@ -79,5 +85,9 @@ class Sweeper:
                 conn.abort(UPSTREAM_CLOSED)
             elif self.idle_timeout and idle >= self.idle_timeout:
                 conn.abort(IDLE_TIMEOUT)
-            elif idle >= self.park_after:
-                conn.park()
+            elif idle >= self.park_after and conn.park():
+                self._parked += 1
+        if self._parked >= self.trim_after:
+            self._parked = 0
+            # Queued after the parks (loop callbacks too): runs once their greenlets have ended.
+            gevent.get_hub().loop.run_callback(trim_heap)
