@@ -1066,7 +1066,7 @@ static PyTypeObject MeterType = {
 /* One buffer per thread: a chunk lives in it from its recv to the end of its
  * accounting, and only C runs in between (no Python code, so no greenlet
  * switch); a partial send is copied out first and finished from that copy,
- * in Python (relay._send_rest). */
+ * in Python (Direction.finish_send). */
 static _Thread_local unsigned char *copy_buf;
 static _Thread_local Py_ssize_t copy_buf_size;
 static PyObject *owed_name;   /* "owed", interned */
@@ -1127,7 +1127,7 @@ static PyObject *outcome(PyObject *outcomes, int k)
 
 enum { O_EOF, O_SRC_ERROR, O_DST_ERROR, O_ERROR, O_PARKED, O_ANSWERED, O_COUNT };
 
-/* The outcome of relay._send_rest's exception, as relay._failed maps it; NULL to raise it. */
+/* The outcome of Direction.finish_send's exception, as relay._failed maps it; NULL to raise it. */
 static PyObject *send_rest_failed(PyObject *outcomes)
 {
     if (PyErr_ExceptionMatches(PyExc_ConnectionResetError) ||
@@ -1147,7 +1147,7 @@ static PyObject *send_rest_failed(PyObject *outcomes)
 /* copy(wait, src_fd, dst_fd, meter, tally, direction, bufsize, send_rest, park, outcomes)
  *   wait       hub.switch: returns when the source's readability watcher fires
  *   tally      relay.Tally: its bytes and lines lists are added to, owed is read
- *   send_rest  send_rest(data, sent) finishes a partial send (relay._send_rest)
+ *   send_rest  send_rest(data, sent) finishes a partial send (Direction.finish_send)
  *   park       the exception (relay.Park) that asks the loop to return PARKED
  *   outcomes   (eof, source error, destination error, "error", PARKED, ANSWERED)
  * The steps, their order and the outcomes are relay._copy's. The descriptors

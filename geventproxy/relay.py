@@ -21,7 +21,6 @@ Per chunk, as measured to matter on a 2-core machine:
 from __future__ import annotations
 
 import socket
-from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 from greenlet import getcurrent
@@ -190,7 +189,7 @@ def relay(
                 tally,
                 d.index,
                 bufsize,
-                partial(_send_rest, hub, readable, d.writable, d.dst.send),
+                d.finish_send,
                 Park,
                 (*_OUTCOMES[d.index], ERROR, PARKED, ANSWERED),
             )

@@ -132,7 +132,7 @@ def _numbered(kind: bytes, count: int) -> bytes:
 
 
 class PartialSends(Run):
-    """A Run with small socket buffers that records each call of relay._send_rest.
+    """A Run with small socket buffers that records each call of Direction.finish_send.
 
     Each record is (bytes counted, lines counted, the chunk, bytes already sent)
     as they stood when the loop handed the rest of a chunk over.
@@ -140,14 +140,14 @@ class PartialSends(Run):
 
     def __init__(self, loop, monkeypatch: pytest.MonkeyPatch, direction: int = CLIENT_TO_UPSTREAM):
         self.calls: list[tuple[int, int, bytes, int]] = []
-        send_rest = relay._send_rest
+        finish_send = relay.Direction.finish_send
 
-        def recorded(*args):
-            i = self.direction.index
-            self.calls.append((self.tally.bytes[i], self.tally.lines[i], bytes(args[-2]), args[-1]))
-            return send_rest(*args)
+        def recorded(d: Direction, data: bytes, sent: int) -> None:
+            i = d.index
+            self.calls.append((self.tally.bytes[i], self.tally.lines[i], bytes(data), sent))
+            return finish_send(d, data, sent)
 
-        monkeypatch.setattr(relay, "_send_rest", recorded)
+        monkeypatch.setattr(relay.Direction, "finish_send", recorded)
         super().__init__(loop, monkeypatch, small_buffers=True, direction=direction)
 
     def stuck(self, data: bytes, then_eof: bool = True) -> gevent.Greenlet:
