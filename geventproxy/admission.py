@@ -10,9 +10,7 @@ most once per 5 s. No I/O but that log line: the server closes the sockets.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from .config import format_address
 from .connection import Connection
 from .logs import RateLimit, event
 from .stats import ERROR, Stats
@@ -31,13 +29,13 @@ class Admission:
         self._next_id = 0
         self._refuse_log = RateLimit(5.0)
 
-    def admit(self, address: Any) -> Connection | None:
-        """A new, counted connection for the client at ``address``; None past the limit."""
+    def admit(self, peer: str) -> Connection | None:
+        """A new, counted connection for the client ``peer`` ("host:port"); None past the limit."""
         if self.limit and len(self.connections) >= self.limit:
-            self._refuse(address)
+            self._refuse(peer)
             return None
         self._next_id += 1
-        conn = Connection(self._next_id, format_address(address))
+        conn = Connection(self._next_id, peer)
         self.connections.add(conn)
         self.stats.incr("connections_total")
         self.stats.incr("connections_active")
@@ -49,14 +47,14 @@ class Admission:
         self.connections.discard(conn)
         self.stats.incr("connections_active", -1)
 
-    def _refuse(self, address: Any) -> None:
+    def _refuse(self, peer: str) -> None:
         self.stats.incr("connections_refused")
         suppressed = self._refuse_log.allow()
         if suppressed is not None:
             event(
                 logging.WARNING,
                 "connection refused: limit reached",
-                peer=format_address(address),
+                peer=peer,
                 max_connections=self.limit,
                 suppressed=suppressed,
             )

@@ -30,7 +30,7 @@ from .logs import RateLimit, escape, event
 from .relay import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT
 from .stats import ERROR, SHUTDOWN, STRICT_VIOLATION, UPSTREAM_UNAVAILABLE, Stats
 from .sweeper import Sweeper
-from .upstream import RESOURCE_ERRNOS, Dialer, OutOfDescriptors, plain_socket
+from .upstream import RESOURCE_ERRNOS, Dialer, OutOfDescriptors, detach, tune
 
 __all__ = ["ProxyServer", "format_address", "make_listener", "open_listener"]
 
@@ -159,25 +159,31 @@ class ProxyServer(StreamServer):
             self.stats.incr("accept_errors")
             self.accept_pause.pause(exc)
             return None
-        return result
+        if not result:
+            return result
+        # The handler gets a standard-library socket and the peer's name: gevent's
+        # wrapper and the address tuple, which the handler's greenlet would hold for
+        # the connection's whole life, go now (about 0.3 KiB per held connection).
+        client, address = result
+        return detach(client), format_address(address)
 
     # -- one connection ------------------------------------------------------
 
-    def handle(self, client: Any, address: Any) -> None:
-        conn = self.admission.admit(address)
+    def handle(self, client: socket.socket, peer: str) -> None:
+        conn = self.admission.admit(peer)
         if conn is None:
             return  # past the limit: the server closes the client socket
-        client_sock = upstream = None
+        upstream = None
         try:
-            client_sock = plain_socket(client, self.send_buffer)
+            tune(client, self.send_buffer)
             upstream = self._dial(conn)
             if upstream is not None:
-                self._relay(conn, client_sock, upstream)
+                self._relay(conn, client, upstream)
         finally:
             try:
                 if upstream is not None:
                     upstream.close()
-                (client if client_sock is None else client_sock).close()
+                client.close()
             finally:
                 self.admission.release(conn)  # its one close reason
 

@@ -22,7 +22,15 @@ from .config import Address
 from .logs import RateLimit, event
 from .stats import Stats
 
-__all__ = ["KEEPALIVE", "RESOURCE_ERRNOS", "OutOfDescriptors", "Dialer", "plain_socket"]
+__all__ = [
+    "KEEPALIVE",
+    "RESOURCE_ERRNOS",
+    "Dialer",
+    "OutOfDescriptors",
+    "detach",
+    "plain_socket",
+    "tune",
+]
 
 
 #: Failures that mean "out of a resource" (accept or socket): back off, don't spin.
@@ -42,10 +50,15 @@ class OutOfDescriptors(Exception):
         self.error = error
 
 
-def plain_socket(sock: Any, send_buffer: int | None = None) -> socket.socket:
+def detach(sock: Any) -> socket.socket:
     """The same connection as a standard-library socket: its methods are C calls."""
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
     sock.close()  # releases the gevent wrapper's watchers now, not when it is collected
+    return raw
+
+
+def tune(raw: socket.socket, send_buffer: int | None = None) -> socket.socket:
+    """Make a connection's socket ready to relay: non-blocking, no Nagle, keepalive."""
     raw.setblocking(False)
     if send_buffer:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
@@ -55,6 +68,11 @@ def plain_socket(sock: Any, send_buffer: int | None = None) -> socket.socket:
         if hasattr(socket, name):  # Linux names; other systems keep their defaults
             raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     return raw
+
+
+def plain_socket(sock: Any, send_buffer: int | None = None) -> socket.socket:
+    """A gevent socket as a tuned standard-library socket (``detach``, then ``tune``)."""
+    return tune(detach(sock), send_buffer)
 
 
 def _connect(address: Address, timeout: float | None) -> Any:

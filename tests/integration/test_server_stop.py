@@ -85,15 +85,15 @@ def test_an_error_preparing_the_client_socket_still_closes_with_one_reason(
     3. The listener goes on: the next client is served.
     """
     proxy, stats = _proxy(upstream)
-    real_plain = server_module.plain_socket
+    real_tune = server_module.tune
     failures = [OSError(errno.EINVAL, "Invalid argument")]
 
-    def flaky_plain(sock, send_buffer=None):
+    def flaky_tune(sock, send_buffer=None):
         if failures:
             raise failures.pop()
-        return real_plain(sock, send_buffer)
+        return real_tune(sock, send_buffer)
 
-    monkeypatch.setattr(server_module, "plain_socket", flaky_plain)
+    monkeypatch.setattr(server_module, "tune", flaky_tune)
     try:
         first = gevent.socket.create_connection(("127.0.0.1", proxy.server_port), timeout=10)
         with gevent.Timeout(10):
