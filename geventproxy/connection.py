@@ -48,48 +48,27 @@ if TYPE_CHECKING:
 
     from .stats import Stats
 
-__all__ = ["EOF_REASONS", "Connection"]
+__all__ = ["EOF_REASONS", "ClientSide", "Connection"]
 
 EOF_REASONS = (CLIENT_CLOSED, UPSTREAM_CLOSED)
 
 
-class Connection:
-    """One client and its upstream, from the upstream's dial to the close."""
+class ClientSide:
+    """The client-to-upstream loop's greenlet: started on the client's first byte,
+    parked when idle, waited for (or ended) by the handler.
 
-    __slots__ = (
-        "id",
-        "peer",
-        "started",
-        "tally",
-        "sockets",
-        "reason",
-        "first_eof",
-        "upstream_eof",
-        "seen",
-        "seen_at",
-        "_up",
-        "_down",
-        "_up_greenlet",
-        "_up_done",
-        "_waiting",
-        "_hub",
-        "_stats",
-        "_bufsize",
-    )
+    A plain greenlet, child of the hub, not a gevent.Greenlet: nothing joins
+    or links to it (the handler waits through ``_waiting``), and it is a few
+    hundred bytes lighter while it runs and after it ends. Connection adds
+    what runs the loop needs (``tally``, ``ended``) and the rules of ending.
+    """
 
-    def __init__(self, conn_id: int, peer: str) -> None:
-        self.id = conn_id
-        self.peer = peer
-        self.started = time.monotonic()
-        self.tally = Tally()
-        self.sockets: tuple[socket.socket, ...] = ()
-        self.reason: str | None = None  # the first abnormal end, or the proxy's decision
-        self.first_eof: str | None = None  # which side half-closed first
-        self.upstream_eof = False
-        self.seen = 0  # bytes moved at the last sweep
-        self.seen_at = self.started  # when that number last changed
+    __slots__ = ("_up", "_up_greenlet", "_up_done", "_waiting", "_hub", "_stats", "_bufsize")
+
+    tally: Tally
+
+    def __init__(self) -> None:
         self._up: Direction | None = None
-        self._down: Direction | None = None
         self._up_greenlet: greenlet | None = None  # None while parked
         self._up_done = False  # the client side has ended for good
         self._waiting: greenlet | None = None  # the handler, once only the client side is left
@@ -98,66 +77,40 @@ class Connection:
         self._stats: Stats | None = None
         self._bufsize = 0
 
-    # -- running ---------------------------------------------------------------
+    def ended(self, outcome: str) -> None:
+        raise NotImplementedError
 
-    def run(
-        self,
-        hub: Hub,
-        client: socket.socket,
-        upstream: socket.socket,
-        stats: Stats,
-        max_line: int,
-        bufsize: int,
-        strict: bool = False,
-    ) -> str:
-        """Relay both directions until both have ended; return why the connection ended."""
-        self.sockets = (client, upstream)
-        self.seen_at = time.monotonic()  # idle time counts from here, not from the accept
-        if self.reason is not None:  # aborted while dialling (the drain deadline)
-            self.abort(self.reason)
-        self._hub, self._stats, self._bufsize = hub, stats, bufsize
-        timer = new_timer(stats)
-        scanner = (
-            StrictFilter(max_line) if strict else new_meter(CLIENT_TO_UPSTREAM, max_line, timer)
-        )
-        # Only the strict filter reports its messages to the timer itself; a Meter times them.
-        up = Direction(
-            hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent if strict else None
-        )
-        meter = new_meter(UPSTREAM_TO_CLIENT, max_line, timer)
-        down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter)
-        self._up, self._down = up, down
-        up.readable.start(self._wake_up)  # the client side starts when the client first sends
+    def _start_client_side(self, hub: Hub, up: Direction, stats: Stats, bufsize: int) -> None:
+        """Start the client side when the client first sends."""
+        self._hub, self._up, self._stats, self._bufsize = hub, up, stats, bufsize
+        up.readable.start(self._wake_up)
+
+    def _wait_for_client_side(self) -> None:
+        """In the handler: return once the client side has ended for good."""
+        assert self._hub is not None
+        self._waiting = getcurrent()
         try:
-            relay(hub, down, stats, self.tally, bufsize, self.ended)
-            # After a half-close the client side goes on until it ends too.
-            self._waiting = getcurrent()
             while not self._up_done:
-                hub.switch()  # switched back by _run_up, through the loop
+                self._hub.switch()  # switched back by _run_up, through the loop
         finally:
-            # Normally both loops are over here. Should this greenlet be killed
-            # instead, end the client side before its watchers and sockets go.
-            if not self._up_done:
-                self.abort(self.reason or ERROR)
-                running = self._up_greenlet
-                if running is not None:
-                    self._waiting = getcurrent()
-                    hub.loop.run_callback(self._throw, running, GreenletExit)
-                    while self._up_greenlet is running:
-                        hub.switch()
-                up.readable.stop()
             self._waiting = None
-            up.close()
-            down.close()
-        return self.reason or self.first_eof or ERROR
+
+    def _end_client_side(self) -> None:
+        """In the handler, when it is killed: end the client side before its sockets go."""
+        hub, up, running = self._hub, self._up, self._up_greenlet
+        assert hub is not None and up is not None
+        if running is not None:
+            self._waiting = getcurrent()
+            try:
+                hub.loop.run_callback(self._throw, running, GreenletExit)
+                while self._up_greenlet is running:
+                    hub.switch()
+            finally:
+                self._waiting = None
+        up.readable.stop()
 
     def _wake_up(self) -> None:
-        """The parked client side has a byte to read: a loop callback, it starts a greenlet.
-
-        A plain greenlet, child of the hub, not a gevent.Greenlet: nothing
-        joins or links to it (the handler waits through ``_waiting``), and it
-        is a few hundred bytes lighter while it runs and after it ends.
-        """
+        """The parked client side has a byte to read: a loop callback, it starts a greenlet."""
         assert self._up is not None and self._hub is not None
         self._up.readable.stop()
         running = self._up_greenlet = greenlet(self._run_up, self._hub)
@@ -191,6 +144,79 @@ class Connection:
             return False
         hub.loop.run_callback(self._throw, running, Park)
         return True
+
+
+class Connection(ClientSide):
+    """One client and its upstream, from the upstream's dial to the close."""
+
+    __slots__ = (
+        "id",
+        "peer",
+        "started",
+        "tally",
+        "sockets",
+        "reason",
+        "first_eof",
+        "upstream_eof",
+        "seen",
+        "seen_at",
+        "_down",
+    )
+
+    def __init__(self, conn_id: int, peer: str) -> None:
+        super().__init__()
+        self.id = conn_id
+        self.peer = peer
+        self.started = time.monotonic()
+        self.tally = Tally()
+        self.sockets: tuple[socket.socket, ...] = ()
+        self.reason: str | None = None  # the first abnormal end, or the proxy's decision
+        self.first_eof: str | None = None  # which side half-closed first
+        self.upstream_eof = False
+        self.seen = 0  # bytes moved at the last sweep
+        self.seen_at = self.started  # when that number last changed
+        self._down: Direction | None = None
+
+    # -- running ---------------------------------------------------------------
+
+    def run(
+        self,
+        hub: Hub,
+        client: socket.socket,
+        upstream: socket.socket,
+        stats: Stats,
+        max_line: int,
+        bufsize: int,
+        strict: bool = False,
+    ) -> str:
+        """Relay both directions until both have ended; return why the connection ended."""
+        self.sockets = (client, upstream)
+        self.seen_at = time.monotonic()  # idle time counts from here, not from the accept
+        if self.reason is not None:  # aborted while dialling (the drain deadline)
+            self.abort(self.reason)
+        timer = new_timer(stats)
+        scanner = (
+            StrictFilter(max_line) if strict else new_meter(CLIENT_TO_UPSTREAM, max_line, timer)
+        )
+        # Only the strict filter reports its messages to the timer itself; a Meter times them.
+        up = Direction(
+            hub, CLIENT_TO_UPSTREAM, client, upstream, scanner, timer.sent if strict else None
+        )
+        meter = new_meter(UPSTREAM_TO_CLIENT, max_line, timer)
+        down = self._down = Direction(hub, UPSTREAM_TO_CLIENT, upstream, client, meter)
+        self._start_client_side(hub, up, stats, bufsize)
+        try:
+            relay(hub, down, stats, self.tally, bufsize, self.ended)
+            self._wait_for_client_side()  # after a half-close it goes on until it ends too
+        finally:
+            # Normally both loops are over here. Should this greenlet be killed
+            # instead, end the client side before its watchers and sockets go.
+            if not self._up_done:
+                self.abort(self.reason or ERROR)
+                self._end_client_side()
+            up.close()
+            down.close()
+        return self.reason or self.first_eof or ERROR
 
     # -- ending ------------------------------------------------------------------
 

@@ -65,9 +65,6 @@ def run(
     """
     setup(config.log_level, config.log_format, {"worker": worker})
     process.set_name(f"geventproxy w{worker}")
-    # Greenlets need not record who spawned them (gevent's debugging aid): that
-    # record costs a held connection about 0.4 KiB, and every spawn its capture.
-    gevent.config.track_greenlet_tree = False
     stats = Stats(shared.blocks[block], mark_start=False)
     set_pid(stats.block, os.getpid())
     server = ProxyServer(listener, config, stats)
