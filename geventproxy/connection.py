@@ -5,7 +5,7 @@ upstream-to-client copy loop itself. The client-to-upstream loop runs in a
 greenlet of its own, but only while the client is active: it is started when
 the client first sends, and an idle one is parked (its greenlet ends, a
 watcher waits for the next byte and starts a new one). A parked greenlet
-costs about 8 KiB; an idle connection so costs one greenlet, not two.
+costs about 7 KiB; an idle connection so costs one greenlet, not two.
 
 Each direction reports how it ended. A half-close (EOF) lets the other
 direction go on; anything else aborts both: shutting a socket down wakes
