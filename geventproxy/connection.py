@@ -4,8 +4,8 @@ The handler greenlet that gevent's server spawns for the client runs the
 upstream-to-client copy loop itself. The client-to-upstream loop runs in a
 greenlet of its own, but only while the client is active: it is started when
 the client first sends, and an idle one is parked (its greenlet ends, a
-watcher waits for the next byte and starts a new one). A parked greenlet
-costs about 7 KiB; an idle connection so costs one greenlet, not two.
+watcher waits for the next byte and starts a new one). A suspended greenlet
+costs about 7 KiB; an idle connection so holds one, the handler's, not two.
 
 Each direction reports how it ended. A half-close (EOF) lets the other
 direction go on; anything else aborts both: shutting a socket down wakes
