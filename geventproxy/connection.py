@@ -87,27 +87,42 @@ class ClientSide:
 
     def _wait_for_client_side(self) -> None:
         """In the handler: return once the client side has ended for good."""
+        while not self._up_done:
+            self._suspend()
+
+    def _end_client_side(self) -> None:
+        """In the handler, when it is killed: end the client side before its sockets go.
+
+        A client side that parks meanwhile may be restarted by its watcher
+        before the handler runs again: each one found running is ended in turn.
+        """
+        hub, up = self._hub, self._up
+        assert hub is not None and up is not None
+        while (running := self._up_greenlet) is not None and not running.dead:
+            hub.loop.run_callback(self._throw, running, GreenletExit)
+            while self._up_greenlet is running and not running.dead:
+                self._suspend()
+        up.readable.stop()
+
+    def _suspend(self) -> None:
+        """In the handler: wait until ``_resume_handler`` (or a kill) switches back."""
         assert self._hub is not None
         self._waiting = getcurrent()
         try:
-            while not self._up_done:
-                self._hub.switch()  # switched back by _run_up, through the loop
+            self._hub.switch()
         finally:
             self._waiting = None
 
-    def _end_client_side(self) -> None:
-        """In the handler, when it is killed: end the client side before its sockets go."""
-        hub, up, running = self._hub, self._up, self._up_greenlet
-        assert hub is not None and up is not None
-        if running is not None:
-            self._waiting = getcurrent()
-            try:
-                hub.loop.run_callback(self._throw, running, GreenletExit)
-                while self._up_greenlet is running:
-                    hub.switch()
-            finally:
-                self._waiting = None
-        up.readable.stop()
+    def _resume_handler(self) -> None:
+        """A loop callback: switch to the handler if it still waits in ``_suspend``.
+
+        Checked when the callback runs, not when it is queued, so a wake-up
+        that comes late never lands in another wait of the handler's.
+        """
+        waiting = self._waiting
+        if waiting is not None:
+            self._waiting = None
+            waiting.switch()
 
     def _wake_up(self) -> None:
         """The parked client side has a byte to read: a loop callback, it starts a greenlet."""
@@ -123,19 +138,19 @@ class ClientSide:
 
     def _run_up(self) -> None:
         """The client-to-upstream loop, until it ends or is parked."""
-        up = self._up
-        assert up is not None and self._hub is not None and self._stats is not None
+        up, hub, stats = self._up, self._hub, self._stats
+        assert up is not None and hub is not None and stats is not None
         outcome = ERROR
         try:
-            outcome = relay(self._hub, up, self._stats, self.tally, self._bufsize, self.ended)
+            outcome = relay(hub, up, stats, self.tally, self._bufsize, self.ended)
         finally:
             self._up_greenlet = None
             if outcome == PARKED:
                 up.readable.start(self._wake_up)
             else:
                 self._up_done = True
-            if self._waiting is not None:  # the handler waits for this side alone
-                self._hub.loop.run_callback(self._waiting.switch)
+            if self._waiting is not None:  # the handler waits for this side
+                hub.loop.run_callback(self._resume_handler)
 
     def park(self) -> bool:
         """Give back the client side's greenlet if it only waits for the client."""
@@ -211,11 +226,13 @@ class Connection(ClientSide):
         finally:
             # Normally both loops are over here. Should this greenlet be killed
             # instead, end the client side before its watchers and sockets go.
-            if not self._up_done:
-                self.abort(self.reason or ERROR)
-                self._end_client_side()
-            up.close()
-            down.close()
+            try:
+                if not self._up_done:
+                    self.abort(self.reason or ERROR)
+                    self._end_client_side()
+            finally:
+                up.close()
+                down.close()
         return self.reason or self.first_eof or ERROR
 
     # -- ending ------------------------------------------------------------------

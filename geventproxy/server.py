@@ -165,7 +165,12 @@ class ProxyServer(StreamServer):
         # wrapper and the address tuple, which the handler's greenlet would hold for
         # the connection's whole life, go now (about 0.3 KiB per held connection).
         client, address = result
-        return detach(client), format_address(address)
+        try:
+            return detach(client), format_address(address)
+        except Exception as exc:  # one client's failure must not reach the accept loop
+            self.stats.incr("accept_errors")
+            event(logging.WARNING, "accepted socket unusable", error=repr(exc))
+            return None
 
     # -- one connection ------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from typing import Any
 
@@ -52,9 +53,14 @@ class OutOfDescriptors(Exception):
 
 def detach(sock: Any) -> socket.socket:
     """The same connection as a standard-library socket: its methods are C calls."""
-    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    family, type_, proto = sock.family, sock.type, sock.proto
+    fd = sock.detach()
     sock.close()  # releases the gevent wrapper's watchers now, not when it is collected
-    return raw
+    try:
+        return socket.socket(family, type_, proto, fileno=fd)
+    except BaseException:
+        os.close(fd)  # nothing else owns it now
+        raise
 
 
 def tune(raw: socket.socket, send_buffer: int | None = None) -> socket.socket:

@@ -7,6 +7,8 @@ server's class as the upstream.
 from __future__ import annotations
 
 import errno
+import socket
+import time
 from collections.abc import Iterator
 
 import gevent
@@ -18,7 +20,7 @@ from geventproxy.server import ProxyServer
 from geventproxy.stats import Stats, snapshot
 from geventproxy.testing.protocol import reply_for
 from geventproxy.testing.server import FooServer
-from tests.helpers import in_process_proxy
+from tests.helpers import ScriptedUpstream, in_process_proxy
 
 
 @pytest.fixture
@@ -111,3 +113,79 @@ def test_an_error_preparing_the_client_socket_still_closes_with_one_reason(
         assert report["connections_closed"]["client_closed"] == 1
     finally:
         proxy.abort_all()
+
+
+def test_an_unusable_accepted_socket_is_counted_and_the_listener_goes_on(
+    upstream: FooServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. Turning the next accepted socket into a standard-library one fails (ENOTSOCK).
+    2. It is counted in accept_errors; the listener stays open.
+    3. The next client is served.
+    """
+    proxy, stats = _proxy(upstream)
+    real_detach = server_module.detach
+    failures = [OSError(errno.ENOTSOCK, "Socket operation on non-socket")]
+
+    def flaky_detach(sock):
+        if failures:
+            real_detach(sock).close()  # the descriptor is not leaked by the test either
+            raise failures.pop()
+        return real_detach(sock)
+
+    monkeypatch.setattr(server_module, "detach", flaky_detach)
+    try:
+        first = gevent.socket.create_connection(("127.0.0.1", proxy.server_port), timeout=10)
+        with gevent.Timeout(10):
+            assert first.recv(1024) == b""
+        assert not proxy.closed
+        assert _report(stats)["accept_errors"] == 1
+        _served_client(proxy.server_port, 2).close()
+    finally:
+        proxy.abort_all()
+
+
+def test_a_killed_handler_ends_a_client_side_restarted_meanwhile() -> None:
+    """The handler is killed while a park is queued for its client side.
+
+    1. A client sends a REQ; the upstream half-closes, so only the client side runs.
+    2. The handler is killed and a park is queued, then enough loop callbacks to use
+       up the loop's time slice: the park lands first and the client side's watcher
+       restarts it before the handler runs again.
+    3. The handler ends whichever client side it finds running: none is left in
+       relay(), and the connection is counted closed once.
+    """
+    up = ScriptedUpstream()
+    proxy, stats = in_process_proxy(up.port)
+    loop = gevent.get_hub().loop
+    try:
+        for _ in range(3):
+            client = gevent.socket.create_connection(("127.0.0.1", proxy.server_port), timeout=10)
+            with gevent.Timeout(10):  # the scripted upstream accepts in a thread of its own
+                while up.accepted.empty() or not proxy.connections:
+                    gevent.sleep(0.01)
+            upstream_side = up.accepted.get_nowait()
+            conn = next(iter(proxy.connections))
+            handler = next(iter(proxy.handlers))
+            upstream_side.shutdown(socket.SHUT_WR)
+            client.sendall(b"REQ 1 x\n")
+            with gevent.Timeout(10):
+                while conn._waiting is not handler:  # the handler waits for the client side
+                    gevent.sleep(0.01)
+            handler.kill(block=False)
+            conn.park()
+            for _ in range(60):
+                loop.run_callback(time.sleep, 0.0002)
+            handler.join(timeout=10)
+            assert handler.dead
+            gevent.sleep(0.1)
+            running = conn._up_greenlet
+            assert running is None or running.dead, "a client side was left suspended"
+            client.close()
+            upstream_side.close()
+        with gevent.Timeout(10):
+            while _report(stats)["connections_active"]:
+                gevent.sleep(0.02)
+        assert _report(stats)["connections_closed"]["error"] == 3
+    finally:
+        proxy.abort_all()
+        up.close()
