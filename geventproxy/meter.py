@@ -22,7 +22,7 @@ _KIND = {ord("R"): REQ, ord("A"): ACK, ord("N"): NAK}
 class Meter(LineScanner):
     """Scans, counts and times one direction of a connection."""
 
-    __slots__ = ("_direction", "_record", "_record_message", "_timed")
+    __slots__ = ("_direction", "_record", "_record_message", "_timed", "_timed_kinds")
 
     def __init__(self, direction: int, max_line: int, timer: RequestTimer) -> None:
         if direction not in (0, 1):
@@ -33,6 +33,8 @@ class Meter(LineScanner):
         self._record_message = timer.stats.record_message
         # Client side: REQs are timed; upstream side: replies are.
         self._timed = timer.replies_arrived if direction else timer.requests_sent
+        # Which kinds of a plain line are timed, by kind (REQ, ACK, NAK).
+        self._timed_kinds = (False, True, True) if direction else (True, False, False)
 
     def account(self, data: bytes) -> int:
         """Account one forwarded chunk; return the lines it completed, well-formed or not.
@@ -45,10 +47,7 @@ class Meter(LineScanner):
         if not self._held_len and not self._skipping and plain_line(data) and n <= self.max_line:
             kind = _KIND[data[0]]
             now = self._record_message(self._direction, n, kind)
-            if self._direction:
-                if kind != REQ:
-                    self._timed(now, 1)
-            elif kind == REQ:
+            if self._timed_kinds[kind]:
                 self._timed(now, 1)
             return 1
         counts = self.feed(data)

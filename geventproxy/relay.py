@@ -64,6 +64,8 @@ _OUTCOMES = (
     (CLIENT_CLOSED, CLIENT_RESET, UPSTREAM_RESET),
     (UPSTREAM_CLOSED, UPSTREAM_RESET, CLIENT_RESET),
 )
+#: The same, then every other outcome, in the order _accel.copy() takes them.
+_COMPILED_OUTCOMES = tuple((*o, ERROR, PARKED, ANSWERED) for o in _OUTCOMES)
 _RESETS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
@@ -130,20 +132,16 @@ class Direction:
         self._hub = hub
         self._writable: Any = None
 
-    @property
-    def writable(self) -> Any:
-        """The watcher for ``dst``'s writability, made on first use."""
-        if self._writable is None:
-            self._writable = self._hub.loop.io(self.dst.fileno(), 2)
-        return self._writable
-
     def finish_send(self, data: bytes, sent: int) -> None:
         """Finish a partial send: stop reading, wait for writability between tries.
 
         The copy loop calls it only when the kernel took less than the chunk;
         raises what ``send`` raises.
         """
-        readable, writable, send, hub = self.readable, self.writable, self.dst.send, self._hub
+        readable, send, hub = self.readable, self.dst.send, self._hub
+        writable = self._writable
+        if writable is None:  # made on first use: most connections never see a partial send
+            writable = self._writable = hub.loop.io(self.dst.fileno(), 2)
         readable.stop()
         view = memoryview(data)
         total = len(data)
@@ -191,21 +189,10 @@ def relay(
                 bufsize,
                 d.finish_send,
                 Park,
-                (*_OUTCOMES[d.index], ERROR, PARKED, ANSWERED),
+                _COMPILED_OUTCOMES[d.index],
             )
         else:
-            # On 3.11+ a Python-to-Python call runs in the caller's C frame, so a
-            # parked greenlet saves less stack (3.9 and 3.10 nest a C frame per call).
-            outcome = _copy(
-                hub,
-                d.index,
-                d.src,
-                d.dst,
-                d,
-                d.scanner.account,
-                tally,
-                bufsize,
-            )
+            outcome = _copy(hub, d, tally, bufsize)
         return outcome
     finally:
         readable.stop()
@@ -222,17 +209,8 @@ def _half_close(sock: socket.socket) -> None:
 
 # Long by design: the hot path, kept in one frame so that every name it uses is a
 # local (a helper call per chunk would cost more than some of the steps it holds).
-def _copy(
-    hub: Hub,
-    direction: int,
-    src: socket.socket,
-    dst: socket.socket,
-    d: Direction,
-    account: Callable[[bytes], int],
-    tally: Tally,
-    bufsize: int,
-) -> str:
-    """Copy ``src`` to ``dst`` until EOF, an error, a Park or ANSWERED; return which.
+def _copy(hub: Hub, d: Direction, tally: Tally, bufsize: int) -> str:
+    """Copy ``d.src`` to ``d.dst`` until EOF, an error, a Park or ANSWERED; return which.
 
     On EOF the write side of ``dst`` is shut down, so the peer sees the
     half-close and the other direction carries on. ANSWERED ends the
@@ -244,10 +222,12 @@ def _copy(
     accelerator is: a change to these steps must be made there too
     (tests/integration/test_copy_loops.py runs both on the same sockets).
     """
+    direction, dst = d.index, d.dst
     eof, src_error, dst_error = _OUTCOMES[direction]
     wait_readable = hub.switch  # returns when ``readable`` fires (see relay())
-    recv = src.recv
+    recv = d.src.recv
     send = dst.send
+    account = d.scanner.account
     moved = tally.bytes
     lines = tally.lines
     while True:
@@ -295,8 +275,8 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
     ends the connection before any of its bytes reach the upstream.
     """
     eof, src_error, dst_error = _OUTCOMES[CLIENT_TO_UPSTREAM]
-    check = d.scanner
-    assert isinstance(check, StrictFilter)
+    check, on_messages = d.scanner, d.on_messages
+    assert isinstance(check, StrictFilter) and on_messages is not None
     while True:
         try:
             hub.switch()
@@ -321,8 +301,8 @@ def _copy_strict(hub: Hub, d: Direction, stats: Stats, tally: Tally, bufsize: in
                 return _failed(exc, dst_error)
             tally.bytes[CLIENT_TO_UPSTREAM] += len(good)
             now = stats.record(CLIENT_TO_UPSTREAM, len(good), counts)
-            if now and d.on_messages is not None:  # counted before the rest is sent, as in _copy
-                d.on_messages(now, counts)
+            if now:  # counted before the rest is sent, as in _copy
+                on_messages(now, counts)
             tally.lines[CLIENT_TO_UPSTREAM] += counts[0]
             if sent < len(good):
                 try:

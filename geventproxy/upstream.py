@@ -29,7 +29,6 @@ __all__ = [
     "Dialer",
     "OutOfDescriptors",
     "detach",
-    "plain_socket",
     "tune",
 ]
 
@@ -76,11 +75,6 @@ def tune(raw: socket.socket, send_buffer: int | None = None) -> socket.socket:
     return raw
 
 
-def plain_socket(sock: Any, send_buffer: int | None = None) -> socket.socket:
-    """A gevent socket as a tuned standard-library socket (``detach``, then ``tune``)."""
-    return tune(detach(sock), send_buffer)
-
-
 def _connect(address: Address, timeout: float | None) -> Any:
     """Dial ``address``, each resolved address in turn, all within one ``timeout``.
 
@@ -122,7 +116,7 @@ class Dialer:
                 raise OutOfDescriptors(exc) from None
             self._failed(exc, conn_id, peer)
             return None
-        return plain_socket(sock, send_buffer)
+        return tune(detach(sock), send_buffer)
 
     def _failed(self, exc: OSError, conn_id: int, peer: str) -> None:
         timed_out = isinstance(exc, TimeoutError)
