@@ -25,9 +25,15 @@ _EMPTY: deque[int] = deque(maxlen=0)
 
 
 class RequestTimer:
-    """The unanswered REQs of one connection, oldest first."""
+    """The unanswered REQs of one connection, oldest first.
 
-    __slots__ = ("stats", "limit", "_queue", "_forgotten")
+    The oldest chunk is kept in two attributes and only the later ones in a
+    deque: a client that waits for each reply (the usual one) never makes the
+    deque, and a connection drops it once everything is answered, so an idle
+    connection holds none.
+    """
+
+    __slots__ = ("stats", "limit", "_head_ns", "_head_n", "_queue", "_forgotten")
 
     #: Most chunks of unanswered REQs remembered per connection.
     default_limit = 1024
@@ -35,13 +41,14 @@ class RequestTimer:
     def __init__(self, stats: Stats, limit: int = default_limit) -> None:
         self.stats = stats
         self.limit = limit
-        # Flat pairs: sent_ns, requests, sent_ns, requests... (no tuple per chunk).
-        # Made on first use: an idle connection never pays for one.
+        self._head_ns = 0  # when the oldest unanswered chunk was sent
+        self._head_n = 0  # its REQs still unanswered; 0: nothing is waiting
+        # The chunks after it, as flat pairs: sent_ns, requests, sent_ns, requests...
         self._queue: deque[int] = _EMPTY
         self._forgotten = 0  # dropped REQs whose replies are still to come
 
     def __len__(self) -> int:
-        return len(self._queue) // 2
+        return (1 if self._head_n else 0) + len(self._queue) // 2
 
     def sent(self, now_ns: int, counts: Counts) -> None:
         """A chunk from the client was forwarded, holding ``counts[0]`` REQs."""
@@ -53,17 +60,30 @@ class RequestTimer:
 
     def requests_sent(self, now_ns: int, n: int) -> None:
         """``n`` REQs were forwarded to the upstream together at ``now_ns``."""
-        if n:
+        if not n:
+            return
+        if not self._head_n:  # nothing was waiting
+            self._head_ns = now_ns
+            self._head_n = n
+        else:
             queue = self._queue
             if queue is _EMPTY:
                 queue = self._queue = deque()
             queue.append(now_ns)
             queue.append(n)
-            if len(queue) > 2 * self.limit:
-                queue.popleft()
-                dropped = queue.popleft()
-                self._forgotten += dropped
-                self.stats.incr("latency_dropped", dropped)
+        if len(self._queue) >= 2 * self.limit:  # one chunk more than the limit
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        dropped = self._head_n
+        self._forgotten += dropped
+        self.stats.incr("latency_dropped", dropped)
+        queue = self._queue
+        if queue:
+            self._head_ns = queue.popleft()
+            self._head_n = queue.popleft()
+        else:
+            self._head_n = 0
 
     def replies_arrived(self, now_ns: int, n: int) -> None:
         """``n`` replies were forwarded to the client together at ``now_ns``."""
@@ -71,17 +91,22 @@ class RequestTimer:
             skip = min(n, self._forgotten)
             self._forgotten -= skip
             n -= skip
-        queue = self._queue
-        while n and queue:
-            sent_ns, waiting = queue[0], queue[1]
+        observe = self.stats.observe_latency
+        while n and self._head_n:
+            sent_ns, waiting = self._head_ns, self._head_n
             if waiting <= n:
-                queue.popleft()
-                queue.popleft()
                 take = waiting
+                queue = self._queue
+                if queue:
+                    self._head_ns = queue.popleft()
+                    self._head_n = queue.popleft()
+                else:
+                    self._head_n = 0
+                    self._queue = _EMPTY
             else:
-                queue[1] = waiting - n
                 take = n
-            self.stats.observe_latency(now_ns, now_ns - sent_ns, take)
+                self._head_n = waiting - n
+            observe(now_ns, now_ns - sent_ns, take)
             n -= take
         if n:
             self.stats.incr("latency_unmatched", n)

@@ -67,6 +67,42 @@ def test_classify(impl, line: bytes, kind: int) -> None:
         assert impl.count_block(line * 3) == Counts(*(3 * n for n in expected))
 
 
+# Lines the block fast path's first pass (type, seq, then anything up to LF)
+# lets through, and its second (the bytes left after deleting all printable
+# ones but N and R) must judge: Data with N and R in it, and Data that is not
+# printable ASCII, well-formed or not.
+_ODD_DATA_LINES = [
+    b"REQ 7 NR\n",
+    b"ACK 7 RN\n",
+    b"NAK 7 N\n",
+    b"NAK 7 R\n",
+    b"REQ 7 NNNN\n",
+    b"REQ 7 caf\xc3\xa9\n",  # UTF-8: well-formed, outside the fast path
+    b"REQ 7 caf\xe9\n",
+    b"REQ 7 a\x00b\n",
+    b"REQ 7 a\x7f\n",
+    b"REQ 7 a\rb\n",
+    b"REQ 7 ab\r\n",  # CRLF: well-formed, outside the fast path
+    b"REQ 7 a\tb\n",
+    b"REQ 7 \n",
+]
+
+
+@pytest.mark.parametrize("odd", _ODD_DATA_LINES, ids=repr)
+@pytest.mark.parametrize(
+    "common",
+    [b"REQ 100 abcdefghij\n", b"ACK 100 0123abcd\n", b"NAK 100 0123abcd\n"],
+    ids=["req", "ack", "nak"],
+)
+def test_common_blocks_with_odd_data(impl, common: bytes, odd: bytes) -> None:
+    """A block of common lines with one odd one among them counts as line by line."""
+    for block in (common * 5 + odd + common * 5, odd + common * 3, common * 3 + odd, odd * 4):
+        tally = [0, 0, 0, 0]
+        for line in block.split(b"\n")[:-1]:
+            tally[impl.classify(line + b"\n")] += 1
+        assert impl.count_block(block) == Counts(*tally)
+
+
 def test_protocol_example_counts(impl) -> None:
     stream = (
         b"REQ 3 Hey\nREQ 4 Hey\nREQ 5 Hey\nACK 3 What\nACK 4 What do you want\n"
