@@ -79,7 +79,7 @@ _PLAIN_BLOCK = _plain(rf"(?:{_LINE})*%")
 # of a common line is exactly "[R|N]  [NR]*\n", its two spaces and LF (so no
 # third space and nothing unprintable), the initial of a REQ or NAK type (the
 # only N or R that a space follows) and the N and R of its Data.
-_ANY_DATA = r"[^\n]*%"
+_ANY_DATA = r".*%"  # "." is anything but LF (no DOTALL); it scans faster than [^\n]
 _SHAPE = _plain(rf"(?:{_TYPE}{_SP}{_UNSIGNED_SEQ}{_SP}{_ANY_DATA}\n)*%")
 _REQ_SHAPE = _plain(rf"(?:REQ{_SP}{_UNSIGNED_SEQ}{_SP}{_ANY_DATA}\n)*%")
 _ALL_BUT_NR = bytes(sorted(set(range(0x21, 0x7F)) - set(b"NR")))
