@@ -167,11 +167,9 @@ def count_block(block: bytes, max_line: int = DEFAULT_MAX_LINE) -> tuple[int, in
         if block.find(b"\n") == len(block) - 1:  # one line, the usual chunk
             if _PLAIN_LINE.fullmatch(block):
                 return _ONE[block[:4]]
-        else:
-            counts = _common_block(block)
-            if counts is not None:
-                return counts
-        if _PLAIN_BLOCK.fullmatch(block):  # signs, CRs, two fields
+        elif (counts := _common_block(block)) is not None:
+            return counts
+        elif _PLAIN_BLOCK.fullmatch(block):  # signs, CRs, two fields
             # Every line is valid, and since Data holds no space, "REQ " and
             # "ACK " can only occur as a line's type.
             lines = block.count(b"\n")

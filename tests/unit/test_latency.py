@@ -5,6 +5,8 @@ Every test runs on both implementations (tests/unit/implementations.py).
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from geventproxy.stats import Stats, latency_histogram, snapshot
@@ -72,3 +74,26 @@ def test_replies_to_dropped_requests_are_skipped_not_mismatched(impl) -> None:
     assert report["latency_dropped"] == 1 and report["latency_unmatched"] == 0
     counts, total_us = latency_histogram([stats.block])
     assert sum(counts) == 2 and total_us == 2 * 10_000
+
+
+def test_an_answered_timer_keeps_no_queue(impl) -> None:
+    """1. Forty chunks of REQs wait at once, then all are answered. 2. The timer gives
+    back what it took to remember them: an idle connection holds no FIFO (the compiled
+    one keeps a ring of up to 16 entries, smaller than this burst's)."""
+    stats = _stats()
+    timer = impl.timer(stats)
+    timer.sent(0, (1, 0, 0, 0))
+    timer.answered(1 * MS, (0, 1, 0, 0))  # the first queue, if any, is made and dropped
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):
+            timer.sent(i * MS, (3, 0, 0, 0))
+        during = tracemalloc.get_traced_memory()[0]
+        timer.answered(50 * MS, (0, 120, 0, 0))
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(timer) == 0
+    assert during > before  # the later chunks took memory...
+    assert after - before < 100  # ...given back (at most an int or two remain)
