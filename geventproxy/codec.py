@@ -76,7 +76,7 @@ _PLAIN_BLOCK = _plain(rf"(?:{_LINE})*%")
 # two passes cheaper than one regex. _SHAPE checks each line's type and seq and
 # skips its Data with the regex engine's fastest loop (anything but LF). Then
 # one ``translate`` deletes every printable byte except N and R: what remains
-# of a common line is exactly "[R|N]  [NR]*\n", its two spaces and LF (so no
+# of a common line is exactly "[RN]?  [NR]*\n", its two spaces and LF (so no
 # third space and nothing unprintable), the initial of a REQ or NAK type (the
 # only N or R that a space follows) and the N and R of its Data.
 _ANY_DATA = r".*%"  # "." is anything but LF (no DOTALL); it scans faster than [^\n]
@@ -141,6 +141,8 @@ _ONE = {b"REQ ": (1, 0, 0, 0), b"ACK ": (0, 1, 0, 0), b"NAK ": (0, 0, 1, 0)}
 
 def _common_block(block: bytes) -> tuple[int, int, int, int] | None:
     """The counts of ``block`` if all its lines are common ones, else None (nothing proved)."""
+    if block.endswith(b"\r\n"):  # CRLF lines (their CR would pass for Data): to _PLAIN_BLOCK
+        return None
     reqs_only = _REQ_SHAPE.fullmatch(block) is not None  # a client's pipelined REQs
     if not reqs_only and not _SHAPE.fullmatch(block):
         return None

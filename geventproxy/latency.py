@@ -75,15 +75,21 @@ class RequestTimer:
             self._forget_oldest()
 
     def _forget_oldest(self) -> None:
+        """Drop the oldest chunk: its replies, when they come, are skipped, not timed."""
         dropped = self._head_n
         self._forgotten += dropped
         self.stats.incr("latency_dropped", dropped)
+        self._next()
+
+    def _next(self) -> None:
+        """The chunk after the oldest becomes the oldest; with none, the deque goes."""
         queue = self._queue
         if queue:
             self._head_ns = queue.popleft()
             self._head_n = queue.popleft()
         else:
             self._head_n = 0
+            self._queue = _EMPTY
 
     def replies_arrived(self, now_ns: int, n: int) -> None:
         """``n`` replies were forwarded to the client together at ``now_ns``."""
@@ -96,13 +102,7 @@ class RequestTimer:
             sent_ns, waiting = self._head_ns, self._head_n
             if waiting <= n:
                 take = waiting
-                queue = self._queue
-                if queue:
-                    self._head_ns = queue.popleft()
-                    self._head_n = queue.popleft()
-                else:
-                    self._head_n = 0
-                    self._queue = _EMPTY
+                self._next()
             else:
                 take = n
                 self._head_n = waiting - n
