@@ -101,7 +101,8 @@ def test_reloads_under_load_refuse_no_client(foo_port: int, tmp_path: Path) -> N
 
     1. Start the proxy with an -env-file (only a comment in it) and JSON logs.
     2. Two threads run the reference client back to back (3 connections x
-       100 REQs each run) until step 5.
+       100 REQs each run) until step 5; the first worker serves a client
+       before the first reload.
     3. Reload with SIGHUP six times. Each time: the parent says "reloaded"
        once the new worker is ready, the new worker serves a client, the
        old one exits, and the parent is still the same process. Before the
@@ -118,6 +119,7 @@ def test_reloads_under_load_refuse_no_client(foo_port: int, tmp_path: Path) -> N
     with start_proxy(foo_port, f"-env-file={env_file}", "-log-format=json") as p:
         loop = ClientLoop(p.port)
         try:
+            wait_until(lambda: _served_by(p, _pids(p, 1)), timeout=RELOAD_TIMEOUT)
             for generation in range(2, 8):
                 if generation == 4:
                     env_file.write_text("GEVENTPROXY_MAX_CONNECTIONS=777\n")
