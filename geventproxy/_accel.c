@@ -365,6 +365,11 @@ static PyObject *Scanner_pending(ScannerObject *self, void *closure)
     return PyLong_FromSsize_t(self->scan.held_len);
 }
 
+static PyObject *Scanner_mid_line(ScannerObject *self, void *closure)
+{
+    return PyBool_FromLong(self->scan.held_len || self->scan.skipping);
+}
+
 static PyObject *Scanner_max_line(ScannerObject *self, void *closure)
 {
     return PyLong_FromSsize_t(self->scan.max_line);
@@ -377,6 +382,8 @@ static PyMethodDef Scanner_methods[] = {
 
 static PyGetSetDef Scanner_getset[] = {
     {"pending", (getter)Scanner_pending, NULL, "Bytes of an unfinished line held now.", NULL},
+    {"mid_line", (getter)Scanner_mid_line, NULL,
+     "Has the stream an unfinished line: held, or over-long and skipped to its LF?", NULL},
     {"max_line", (getter)Scanner_max_line, NULL, "Longest well-formed line, LF included.",
      NULL},
     {NULL}};
@@ -994,10 +1001,11 @@ static void Meter_dealloc(MeterObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The work of account(): scan, count and time n bytes; *lines gets the lines completed. */
+/* The work of account(): scan, count and time n bytes; *lines gets the lines ended (LFs). */
 static int meter_account(MeterObject *self, const unsigned char *p, Py_ssize_t n, int64_t *lines)
 {
     int64_t c[4] = {0, 0, 0, 0}, now;
+    int skipping = self->scan.skipping;
     if (scan_feed(&self->scan, p, n, c) < 0) {
         PyErr_NoMemory();
         return -1;
@@ -1008,8 +1016,19 @@ static int meter_account(MeterObject *self, const unsigned char *p, Py_ssize_t n
     if (now &&
         (self->direction == 0 ? t_sent(t, now, c[0]) : t_answered(t, now, c[1] + c[2])) < 0)
         return -1;
-    /* Lines, well-formed or not: a Foo server answers each one. */
-    *lines = c[0] + c[1] + c[2] + c[3];
+    /* Lines ended (LFs), well-formed or not: a Foo server answers each one. An
+       over-long line was counted when it overflowed, before its LF: count the LFs. */
+    if (skipping || self->scan.skipping) {
+        int64_t ended = 0;
+        const unsigned char *q = p, *end = p + n;
+        while ((q = memchr(q, '\n', (size_t)(end - q))) != NULL) {
+            ended++;
+            q++;
+        }
+        *lines = ended;
+    } else {
+        *lines = c[0] + c[1] + c[2] + c[3];
+    }
     return 0;
 }
 
@@ -1039,13 +1058,20 @@ static PyObject *Meter_pending(MeterObject *self, void *closure)
     return PyLong_FromSsize_t(self->scan.held_len);
 }
 
+static PyObject *Meter_mid_line(MeterObject *self, void *closure)
+{
+    return PyBool_FromLong(self->scan.held_len || self->scan.skipping);
+}
+
 static PyMethodDef Meter_methods[] = {
     {"account", (PyCFunction)Meter_account, METH_O,
-     "Scan, count and time one forwarded chunk; the lines it completed, well-formed or not."},
+     "Scan, count and time one forwarded chunk; the lines it ended (LFs), well-formed or not."},
     {NULL}};
 
 static PyGetSetDef Meter_getset[] = {
     {"pending", (getter)Meter_pending, NULL, "Bytes of an unfinished line held now.", NULL},
+    {"mid_line", (getter)Meter_mid_line, NULL,
+     "Has the stream an unfinished line: held, or over-long and skipped to its LF?", NULL},
     {NULL}};
 
 static PyTypeObject MeterType = {
@@ -1221,10 +1247,10 @@ static PyObject *accel_copy(PyObject *module, PyObject *args)
         if (sent < n && (rest = PyBytes_FromStringAndSize((const char *)copy_buf, n)) == NULL)
             goto done;
         /* Then count, before finishing a partial send (see relay._copy). */
-        int64_t completed;
+        int64_t ended;
         if (meter_ready(meter) < 0 || list_add(moved, direction, n) < 0 ||
-            meter_account(meter, copy_buf, n, &completed) < 0 ||
-            list_add(lines, direction, completed) < 0) {
+            meter_account(meter, copy_buf, n, &ended) < 0 ||
+            list_add(lines, direction, ended) < 0) {
             Py_XDECREF(rest);
             goto done;
         }

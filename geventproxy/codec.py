@@ -216,6 +216,11 @@ class LineScanner:
         """Bytes of an unfinished line held now (never more than ``max_line``)."""
         return self._held_len
 
+    @property
+    def mid_line(self) -> bool:
+        """Has the stream an unfinished line: held, or over-long and skipped to its LF?"""
+        return bool(self._held_len or self._skipping)
+
     def feed(self, data: bytes) -> tuple[int, int, int, int]:
         """Count the messages this chunk completes, as a (req, ack, nak, invalid) tuple."""
         if data[-1:] == b"\n" and not self._held_len and not self._skipping:

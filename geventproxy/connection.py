@@ -262,7 +262,7 @@ class Connection(ClientSide):
         up, down, tally = self._up, self._down, self.tally
         assert up is not None and down is not None
         # An unfinished last line is answered too (the server reads it at EOF).
-        unfinished = 0 if isinstance(up.scanner, StrictFilter) or not up.scanner.pending else 1
+        unfinished = 0 if isinstance(up.scanner, StrictFilter) or not up.scanner.mid_line else 1
         tally.owed = tally.lines[CLIENT_TO_UPSTREAM] + unfinished
         # The upstream-to-client loop checks ``owed`` after each chunk it sends in
         # full. Waiting for the upstream with nothing owed (its watcher is active

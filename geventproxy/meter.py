@@ -37,10 +37,12 @@ class Meter(LineScanner):
         self._timed_kinds = (False, True, True) if direction else (True, False, False)
 
     def account(self, data: bytes) -> int:
-        """Account one forwarded chunk; return the lines it completed, well-formed or not.
+        """Account one forwarded chunk; return the lines it ended (its LFs), well-formed or not.
 
         (A Foo server answers every line: the connection counts lines to know
-        when a client that has half-closed has every reply it is owed.)
+        when a client that has half-closed has every reply it is owed. A line
+        ends at its LF: an over-long one, counted invalid as soon as it passes
+        ``max_line``, still has its rest to come until then.)
         """
         n = len(data)
         # The usual chunk: one plain line and nothing held. No counts tuple, three calls.
@@ -50,6 +52,7 @@ class Meter(LineScanner):
             if self._timed_kinds[kind]:
                 self._timed(now, 1)
             return 1
+        skipping = self._skipping
         counts = self.feed(data)
         now = self._record(self._direction, n, counts)
         if now:
@@ -57,4 +60,6 @@ class Meter(LineScanner):
                 self._timed(now, counts[1] + counts[2])
             else:
                 self._timed(now, counts[0])
+        if skipping or self._skipping:  # an over-long line was counted before its LF
+            return data.count(b"\n")
         return counts[0] + counts[1] + counts[2] + counts[3]

@@ -81,7 +81,7 @@ CLIENT_SENDING = 1 << 62
 class Tally:
     """What one connection moved, per direction; the idle sweeper watches it.
 
-    ``lines`` counts complete lines, well-formed or not: a Foo server answers
+    ``lines`` counts ended lines (LFs), well-formed or not: a Foo server answers
     every line it reads with one line, so once the client has half-closed,
     the connection is done when ``lines[UPSTREAM_TO_CLIENT]`` reaches
     ``owed``, the number of replies its requests call for.

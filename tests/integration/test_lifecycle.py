@@ -170,18 +170,21 @@ def test_half_close_after_five_requests_gets_all_five_replies(foo_port: int) -> 
         assert report["msg_req"] == 105
 
 
-def test_unfinished_last_line_is_answered_before_the_end(foo_port: int) -> None:
-    """1. A client sends one whole REQ and one without its LF, then half-closes.
+@pytest.mark.parametrize("cut", [b"cut", b"c" * 100], ids=["held", "over-long"])
+def test_unfinished_last_line_is_answered_before_the_end(foo_port: int, cut: bytes) -> None:
+    """1. A client sends one whole REQ and one without its LF, then half-closes
+       (with -max-line=64, so the 100-byte variant is over-long and skipped,
+       not held).
     2. The server answers both (it reads the last line at EOF): the client
        gets both replies, then EOF.
     """
-    with settled_proxy(foo_port) as (p, fds):
+    with settled_proxy(foo_port, "-max-line=64") as (p, fds):
         client = connect(p.port)
-        client.sendall(b"REQ 1 whole\nREQ 2 cut")
+        client.sendall(b"REQ 1 whole\nREQ 2 " + cut)
         client.shutdown(socket.SHUT_WR)
         reply = recv_all(client)
         client.close()
-        assert reply == reply_for("REQ", 1, b"whole") + reply_for("REQ", 2, b"cut")
+        assert reply == reply_for("REQ", 1, b"whole") + reply_for("REQ", 2, cut)
         assert_back_to(p, fds)
 
 
@@ -236,6 +239,37 @@ def test_owed_reply_delivered_then_connection_ends() -> None:
         assert upstream.result() == b"REQ 1 x\n"
         report = settle(p)
         assert report["connections_closed"]["client_closed"] == 1
+
+
+def test_an_owed_reply_longer_than_max_line_arrives_whole() -> None:
+    """1. Proxy with -max-line=64; a client sends a REQ and half-closes.
+    2. A scripted upstream answers with a 300-byte line, in three pieces
+       0.05 s apart (the first two pass -max-line without its LF), and never closes.
+    3. The client gets the whole line, its LF included, then EOF
+       (client_closed): the proxy counts an over-long line invalid as soon
+       as it passes -max-line, but the reply is delivered only at its LF.
+    """
+    reply = b"ACK 1 " + b"x" * 293 + b"\n"
+    pieces = (reply[:100], reply[100:299], reply[299:])
+
+    def long_reply(sock: socket.socket) -> None:
+        recv_all(sock)
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.05)
+        sock.settimeout(IO_TIMEOUT)
+        recv_all(sock)
+
+    with scripted_upstream(long_reply) as upstream, start_proxy(upstream.port, "-max-line=64") as p:
+        client = connect(p.port)
+        client.sendall(b"REQ 1 x\n")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == reply
+        client.close()
+        upstream.result()
+        report = settle(p)
+        assert report["connections_closed"]["client_closed"] == 1
+        assert report["msg_invalid"] == 1
 
 
 def test_owed_reply_that_never_comes_ends_after_client_fin_timeout() -> None:

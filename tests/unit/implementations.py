@@ -42,12 +42,16 @@ class ComposedMeter:
     def pending(self) -> int:
         return self._scanner.pending
 
+    @property
+    def mid_line(self) -> bool:
+        return self._scanner.mid_line
+
     def account(self, data: bytes) -> int:
         counts = self._scanner.feed(data)
         now = self._record(self._direction, len(data), counts)
         if now:
             self._on_messages(now, counts)
-        return counts[0] + counts[1] + counts[2] + counts[3]
+        return data.count(b"\n")  # the lines it ended, well-formed or not
 
 
 def native_writer(stats: Stats) -> Any:

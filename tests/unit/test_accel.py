@@ -21,7 +21,7 @@ from geventproxy.sharedstats import SharedStats
 from geventproxy.stats import Stats, new_block, snapshot
 from geventproxy.testing.launch import ROOT
 from tests.unit.fakes import FakeClock, S
-from tests.unit.implementations import COMPILED, PURE, REFERENCE
+from tests.unit.implementations import COMPILED, IMPLEMENTATIONS, PURE, REFERENCE
 
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="the extension is not built")
 
@@ -233,6 +233,7 @@ def test_meters_leave_identical_blocks(events, data, max_line, limit, shared) ->
         got = [meters[direction].account(chunk) for _, _, meters in sides]
         assert got[0] == got[1] == got[2], chunk
         assert len({meters[direction].pending for _, _, meters in sides}) == 1
+        assert len({meters[direction].mid_line for _, _, meters in sides}) == 1
         assert len({len(timer) for _, timer, _ in sides}) == 1
     blocks = [list(stats.block) for stats, _, _ in sides]
     assert blocks[0] == blocks[1] == blocks[2]
@@ -293,8 +294,29 @@ def test_held_bytes_stay_bounded_under_an_endless_line() -> None:
     for _ in range(2000):
         lines += meter.account(b"A" * 997)
         assert meter.pending <= 1000
-    assert lines == 1  # one invalid line, counted when it passed max_line, then skipped
+    assert lines == 0  # no LF: the line has not ended
+    assert meter.mid_line
+    # One invalid line, counted when it passed max_line, then skipped.
     assert snapshot([stats.block], 0)["msg_invalid"] == 1
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_an_over_long_line_ends_at_its_lf(impl) -> None:
+    """account() returns the lines a chunk ended: an over-long line is counted
+    invalid when it passes max_line, but ends (for the connection's count of
+    replies delivered) only with the chunk that carries its LF."""
+    stats = Stats(clock=FakeClock(1000 * S + 123))
+    meter = impl.meter(1, 16, impl.timer(stats))
+    assert meter.account(b"ACK 1 " + b"a" * 20) == 0  # passes 16: invalid, not ended
+    assert meter.mid_line
+    assert meter.account(b"a" * 30) == 0
+    assert meter.account(b"aa\nACK 2 b\nACK 3 ") == 2  # its LF, and one whole line
+    assert meter.mid_line  # "ACK 3 " held
+    assert meter.account(b"c\n" + b"x" * 40) == 1  # ACK 3 ends; a new line overflows
+    assert meter.account(b"\n\n") == 2
+    assert not meter.mid_line
+    report = snapshot([stats.block], 0)
+    assert (report["msg_ack"], report["msg_invalid"]) == (2, 3)
 
 
 # -- which implementation runs ----------------------------------------------------

@@ -124,15 +124,19 @@ def test_split_message_counts_once(impl) -> None:
 
 def test_long_line_is_bounded_and_skipped(impl) -> None:
     scanner = impl.LineScanner(max_line=16)
+    assert not scanner.mid_line
     assert scanner.feed(b"REQ 1 " + b"a" * 9) == Counts()  # 15 bytes held
     assert scanner.pending == 15
+    assert scanner.mid_line
     assert scanner.feed(b"aa") == Counts(invalid=1)  # 17 > 16: counted once, dropped
     assert scanner.pending == 0
     for _ in range(1000):
         assert scanner.feed(b"z" * 1000) == Counts()
         assert scanner.pending == 0
+        assert scanner.mid_line  # skipped to its LF, not ended
     assert scanner.feed(b"zz\nREQ 2 b\nREQ 3") == Counts(req=1)
     assert scanner.feed(b" c\n") == Counts(req=1)
+    assert not scanner.mid_line
 
 
 def test_line_exactly_at_limit(impl) -> None:
