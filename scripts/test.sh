@@ -8,7 +8,9 @@
 #   2. the integration tests that exercise the relay again on the pure-Python
 #      path (GEVENTPROXY_PURE=1), with one worker;
 #   3. the compiled code's tests under AddressSanitizer and UBSan.
-# Arguments go to the first pytest run.
+# Each runs on two pytest-xdist workers: most tests wait on sockets and child
+# processes, not on a CPU, and every test starts its own processes on ports
+# of its own. Arguments go to the first pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=""
@@ -19,10 +21,10 @@ if [ -n "$missing" ]; then
     apt-get update && apt-get install -y --no-install-recommends $missing
 fi
 pip install -q -e '.[test]'
-python -m pytest "$@"
+python -m pytest -n 2 "$@"
 # (With one worker: the two-worker variants exercise the parent, not the relay.)
-GEVENTPROXY_PURE=1 python -m pytest -q -k "not workers2" \
+GEVENTPROXY_PURE=1 python -m pytest -q -n 2 -k "not workers2" \
     tests/integration/test_proxy.py tests/integration/test_lifecycle.py \
     tests/integration/test_partial_sends.py tests/integration/test_hostile.py \
     tests/integration/test_faults.py tests/integration/test_reference_driver.py
-scripts/sanitize.sh
+scripts/sanitize.sh -n 2

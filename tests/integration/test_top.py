@@ -30,6 +30,10 @@ class Tmux:
     def __init__(self, status_file: str) -> None:
         self.socket = f"geventproxy-test-{os.getpid()}-{next(_servers)}"
         self.env = child_env() | {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        # curses takes COLUMNS and LINES over the terminal's own size, and a test
+        # runner may set them (pytest-xdist's workers have 80 x 24): the pane decides.
+        for name in ("COLUMNS", "LINES"):
+            self.env.pop(name, None)
         self.socket_path = ""
         self.status_file = status_file
 
