@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 PURE_ENV = "GEVENTPROXY_PURE"
+#: The _accel.INTERFACE this code was written against: a build from older
+#: sources (a checkout updated without rebuilding) is not used.
+INTERFACE = 2
 
 
 def _load() -> tuple[Any, str]:
@@ -41,6 +44,12 @@ def _load() -> tuple[Any, str]:
         return None, "pure Python (compiled accelerator not built)"
     except ImportError as exc:  # built, but for another interpreter, or broken
         return None, f"pure Python (compiled accelerator failed to import: {exc})"
+    built = getattr(native, "INTERFACE", 1)
+    if built != INTERFACE:
+        return None, (
+            f"pure Python (compiled accelerator is a stale build, interface {built}, "
+            f"not {INTERFACE}: rebuild it with pip install -e .)"
+        )
     return native, "compiled accelerator"
 
 

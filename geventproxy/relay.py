@@ -252,7 +252,7 @@ def _copy(hub: Hub, d: Direction, tally: Tally, bufsize: int) -> str:
         except OSError as exc:
             return _failed(exc, dst_error)
         # Then count: one call scans, counts and times the chunk (meter.py, or the
-        # compiled accelerator) and says how many lines it completed. Before
+        # compiled accelerator) and says how many lines it ended (its LFs). Before
         # finishing a partial send: replies to the part already sent may be
         # relayed while this loop waits, and must find their REQs timed.
         n = len(data)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -342,6 +343,20 @@ def test_pure_env_forces_pure() -> None:
 @needs_compiled
 def test_compiled_runs_when_built() -> None:
     assert "counting: compiled accelerator" in _version({accel.PURE_ENV: ""})
+
+
+def test_a_stale_build_is_not_used(monkeypatch) -> None:
+    """An extension built from older sources (no INTERFACE, or another one) is
+    passed over for the pure path, and the start line says why."""
+    for stale in (SimpleNamespace(), SimpleNamespace(INTERFACE=accel.INTERFACE - 1)):
+        monkeypatch.setattr(accel.importlib, "import_module", lambda name, m=stale: m)
+        monkeypatch.delenv(accel.PURE_ENV, raising=False)
+        native, description = accel._load()
+        assert native is None
+        assert "stale build" in description and "pip install -e ." in description
+    current = SimpleNamespace(INTERFACE=accel.INTERFACE)
+    monkeypatch.setattr(accel.importlib, "import_module", lambda name: current)
+    assert accel._load() == (current, "compiled accelerator")
 
 
 def test_the_accelerator_is_built_where_a_compiler_is() -> None:
