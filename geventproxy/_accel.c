@@ -45,10 +45,10 @@ enum { K_REQ = 0, K_ACK = 1, K_NAK = 2, K_INVALID = 3 };
 #define TIMER_KEEP_CAP 16       /* a bigger queue is freed once it is empty */
 #define MAX_BOUNDS 128
 
-
 /* What the Python side expects of this module (accel.INTERFACE): raised with
    every change of what a call means, so that a stale build is not used. */
 #define INTERFACE 2
+
 /* ------------------------------------------------------------------------ */
 /* Integer helpers: Python's floor division and modulo (b > 0).              */
 
