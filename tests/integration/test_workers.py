@@ -104,16 +104,27 @@ def test_two_workers_report_exact_sums_and_survive_a_worker_death(foo_port: int)
 
 
 def test_workers_ignore_usr1_and_int_sent_to_the_whole_group(foo_port: int) -> None:
-    """1. USR1 to every process (as `systemctl kill` does): exactly one line, the parent's.
-    2. The workers are still there afterwards."""
-    with start_proxy(foo_port, "-workers=2") as p:
+    """1. USR1 to every process (as `systemctl kill` does): exactly one line, the
+       parent's (none more a second after it).
+    2. The workers are still there afterwards.
+    3. INT to every process (Ctrl-C in a terminal): the parent drains and exits 0, and
+       each worker exits 0 when the parent stops it, not killed by the INT."""
+    with start_proxy(foo_port, "-workers=2", "-log-format=json") as p:
         _wait_for(lambda: len(worker_pids(p)) == 2)
         workers = worker_pids(p)
         for pid in [p.proc.pid, *workers]:
             os.kill(pid, signal.SIGUSR1)
-        time.sleep(0.5)
+        _wait_for(lambda: p.stdout_lines, timeout=10)
+        time.sleep(1)
         assert len(p.stdout_lines) == 1
         assert worker_pids(p) == workers
+
+        for pid in [p.proc.pid, *workers]:
+            os.kill(pid, signal.SIGINT)
+        assert p.proc.wait(timeout=30) == 0
+        exits = [json.loads(line) for line in p.stderr_lines if '"msg": "worker exited"' in line]
+        assert sorted(e["pid"] for e in exits) == sorted(workers), p.log()
+        assert [e["status"] for e in exits] == [0, 0], p.log()
 
 
 def test_workers_serve_admin_and_keep_the_state_file(foo_port: int, tmp_path) -> None:
